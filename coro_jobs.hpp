@@ -1,0 +1,1747 @@
+// coro_jobs.hpp - asynchronous jobs as sequential-looking C++20 coroutines. v0.1, MIT license.
+//
+// A port of the recipe "Run asynchronous tasks using coroutines" (Arnau Sanchez, 2010):
+// instead of scattering a long operation over callbacks, write it as a job that co_awaits
+// tasks, and start it from the main loop. The loop stays responsive while the job waits.
+//
+// EXAMPLE
+//     #include "coro_jobs.hpp"
+//     using namespace coro_jobs; using namespace std::chrono_literals;
+//     job<int> my_job(int a, int b) {
+//         auto slept = co_await sleep_task(100ms);                     // the loop keeps running
+//         int sum = co_await threaded_task([=] { return a + b; });     // runs on a worker thread
+//         co_return sum;
+//     }
+//     int main() {
+//         event_loop loop;
+//         auto h = start_job(my_job(1, 2));                            // body starts next iteration
+//         loop.run();                                                  // until nothing is pending
+//         return h.result() == 3 ? 0 : 1;
+//     }
+//
+// API (namespace coro_jobs)
+//   event_loop                      the poll-based main loop; owned by the thread that makes it
+//     run() / run_once() / quit()   run until idle or quit; one iteration; stop (any thread)
+//     post(fn)                      run fn on the loop thread, FIFO (any thread)
+//     call_later(d, fn)             run fn after d; returns a callback_handle
+//     watch(fd, events, fn)         call fn(revents) whenever poll reports fd; callback_handle
+//     set_error_handler(fn)         gets every error nobody can retrieve any more
+//   job<T>                          return type of a job coroutine; lazy, move-only
+//   start_job([loop,] job, [name])  start a job; returns job_handle<T> (also takes a lambda)
+//   job_handle<T>                   done(), cancel(), result(), co_await handle
+//   sleep_task(d)                   co_await: the elapsed steady_clock::duration, never early
+//   threaded_task(f, args...)       co_await: f(args...) on a worker thread (stop_token first if
+//                                   f takes one); its value, or its exception rethrown
+//   callback_task<T>(start)         co_await: start(task_return<T>) is called; the job resumes
+//                                   when task_return(value) is called, from any thread, once
+//   wait_readable(fd) / wait_writable(fd)   co_await: poll's revents
+//   job_cancelled                   thrown at the co_await of a cancelled job
+//
+// RULES
+//   Threads: post(), quit() and task_return are safe from any thread. Everything else, jobs
+//     and handles included, belongs to the thread that created the loop; calling a loop function
+//     from another thread throws std::logic_error.
+//   Errors: a job's exception goes to whoever co_awaits the job or its handle or calls
+//     result(). If nobody can any more (no handle left), the loop's error handler gets it,
+//     exactly once; so do exceptions from post/call_later/watch callbacks. The loop goes on.
+//     job_cancelled is not an error and is never reported. An exception thrown by the error
+//     handler itself leaves run() / run_once().
+//   Cancellation: cancel() removes the job's pending timer or fd wait, makes a waiting
+//     callback task's task_return a no-op (and calls its canceller), requests the stop token
+//     of a running thread function and drops its result; the job then resumes, on a later
+//     iteration, with job_cancelled thrown from its co_await, so its destructors run. Every
+//     later co_await in it throws job_cancelled at once. Children it awaits are cancelled with
+//     it. A job cancelled before its body started ends without running it.
+//   Lifetime: destroying the loop destroys every job frame it still has (their handles then
+//     report job_cancelled), drops queued work, and requests the stop token of running thread
+//     functions; workers that finish later find nobody to deliver to and discard the result.
+//   Bad input: empty jobs and handles throw std::invalid_argument; misuse of a loop
+//     (wrong thread, run() inside run()) throws std::logic_error; a bad fd throws
+//     std::system_error(EBADF); durations saturate (negative = next iteration, huge = never).
+
+#ifndef CORO_JOBS_HPP
+#define CORO_JOBS_HPP
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <condition_variable>
+#include <coroutine>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <deque>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <stdexcept>
+#include <stop_token>
+#include <string>
+#include <string_view>
+#include <system_error>
+#include <thread>
+#include <tuple>
+#include <type_traits>
+#include <unordered_set>
+#include <utility>
+#include <vector>
+
+#include <fcntl.h>
+#include <poll.h>
+#include <time.h>
+#include <unistd.h>
+
+namespace coro_jobs {
+
+namespace detail {
+struct loop_impl;
+struct job_ctx;
+struct op_base;
+struct handle_waiter;
+struct callback_node;
+struct access;
+template <class T> struct job_promise;
+template <class T> struct job_state;
+template <class T> struct callback_state;
+template <class T> struct return_token;
+template <class T, class Start> class callback_op;
+template <class R, class Fn> class thread_op;
+class sleep_op;
+class fd_op;
+template <class T> struct is_job : std::false_type {};
+}  // namespace detail
+
+/// Thrown at the co_await of a cancelled job, and by result() of a job that ended cancelled.
+struct job_cancelled : std::exception {
+  const char* what() const noexcept override { return "coro_jobs: job cancelled"; }
+};
+
+/// Receives each error that nobody can retrieve any more: the job's name (or "post",
+/// "call_later", "watch", "task_return") and the exception.
+using error_handler = std::function<void(std::string_view name, std::exception_ptr error)>;
+
+/// A registered timer or fd watch. Copyable; cancel() from the loop thread.
+class callback_handle {
+ public:
+  callback_handle() noexcept = default;
+  callback_handle(const callback_handle& o) noexcept;
+  callback_handle& operator=(const callback_handle& o) noexcept;
+  ~callback_handle();
+  /// Removes the timer or watch; false if it already ran (timers), was cancelled, or the
+  /// loop is gone.
+  bool cancel();
+  /// Whether the timer has yet to run, or the watch is still registered.
+  bool active() const noexcept;
+
+ private:
+  friend struct detail::access;
+  detail::callback_node* n_ = nullptr;
+};
+
+/// The main loop: ready work, timers, fd watches and cross-thread completions, multiplexed
+/// with one ppoll() per iteration. Not copyable or movable; bound to the creating thread.
+class event_loop {
+ public:
+  event_loop();
+  /// worker_threads: the most threads threaded_task may use (0: like asyncio's default,
+  /// min(32, hardware threads + 4)). Workers are started on demand.
+  explicit event_loop(std::size_t worker_threads);
+  ~event_loop();
+  event_loop(const event_loop&) = delete;
+  event_loop& operator=(const event_loop&) = delete;
+
+  /// Runs iterations until quit() is called or nothing is pending.
+  void run();
+  /// One iteration; blocks if something is pending and nothing is ready. Returns whether
+  /// anything is still pending.
+  bool run_once();
+  /// Makes the current (or next) run() return after its current iteration. Any thread.
+  void quit() noexcept;
+  /// Runs fn on the loop thread, in FIFO order with other posts. Any thread.
+  void post(std::function<void()> fn);
+  /// Runs fn once after delay (saturated; <= 0 means the next iteration).
+  template <class Rep, class Period>
+  callback_handle call_later(std::chrono::duration<Rep, Period> delay, std::function<void()> fn);
+  /// Calls fn(revents) on each iteration where poll reports fd for events (POLLIN, POLLOUT,
+  /// ...), until cancelled. A closed fd is reported once with POLLNVAL, then dropped.
+  callback_handle watch(int fd, short events, std::function<void(short revents)> fn);
+  /// Replaces the error handler (the default prints the name and what() to stderr).
+  void set_error_handler(error_handler handler);
+
+ private:
+  friend struct detail::access;
+  callback_handle call_later_impl(std::chrono::steady_clock::duration delay,
+                                  std::function<void()> fn);
+  std::unique_ptr<detail::loop_impl> impl_;
+};
+
+/// The return type of a job coroutine. Lazy: the body starts when the job is started with
+/// start_job or co_awaited by another job (as a child, sharing its cancellation).
+template <class T = void>
+class [[nodiscard]] job {
+  static_assert(!std::is_reference_v<T>, "job<T&> is not supported; return a value or pointer");
+
+ public:
+  using promise_type = detail::job_promise<T>;
+  using value_type = T;
+  job() noexcept = default;
+  job(job&& o) noexcept : h_(std::exchange(o.h_, {})) {}
+  job& operator=(job&& o) noexcept {
+    if (this != &o) {
+      if (h_) h_.destroy();
+      h_ = std::exchange(o.h_, {});
+    }
+    return *this;
+  }
+  ~job() {
+    if (h_) h_.destroy();
+  }
+  /// False for a default-constructed, moved-from, started or awaited job.
+  explicit operator bool() const noexcept { return static_cast<bool>(h_); }
+
+ private:
+  friend struct detail::access;
+  friend promise_type;
+  explicit job(std::coroutine_handle<promise_type> h) noexcept : h_(h) {}
+  std::coroutine_handle<promise_type> h_;
+};
+
+/// A copyable reference to a started job. Belongs to the loop thread.
+template <class T = void>
+class job_handle {
+ public:
+  job_handle() noexcept = default;
+  job_handle(const job_handle& o) noexcept;
+  job_handle& operator=(const job_handle& o) noexcept;
+  ~job_handle();
+  /// Whether the job has ended (returned, thrown, or cancelled).
+  bool done() const;
+  /// Cancels the job (see RULES); false if it had already ended.
+  bool cancel();
+  /// The job's value, or rethrows its exception (job_cancelled included); std::logic_error
+  /// if it has not ended. A move-only value can be taken once.
+  T result();
+  /// The name given to start_job.
+  std::string_view name() const;
+
+ private:
+  friend struct detail::access;
+  detail::job_state<T>* s_ = nullptr;
+};
+
+/// Starts a job on loop; its body begins on the loop's next iteration.
+template <class T>
+job_handle<T> start_job(event_loop& loop, job<T> j, std::string name = {});
+/// Starts a job on the loop running on this thread or, outside run(), the one most recently
+/// created on this thread; std::logic_error if there is none.
+template <class T>
+job_handle<T> start_job(job<T> j, std::string name = {});
+/// Starts the job made by calling make() and keeps make (a lambda and its captures) alive
+/// until the job ends: use this form for a lambda coroutine with captures.
+template <class F>
+  requires std::invocable<F&> && detail::is_job<std::invoke_result_t<F&>>::value
+auto start_job(event_loop& loop, F&& make, std::string name = {});
+template <class F>
+  requires std::invocable<F&> && detail::is_job<std::invoke_result_t<F&>>::value
+auto start_job(F&& make, std::string name = {});
+
+/// co_await sleep_task(d): resumes no earlier than d later, yielding the elapsed time.
+template <class Rep, class Period>
+detail::sleep_op sleep_task(std::chrono::duration<Rep, Period> d);
+
+/// co_await threaded_task(f, args...): runs f(args...) (or f(stop_token, args...)) on a
+/// worker thread; yields its result on the loop thread or rethrows its exception.
+template <class F, class... Args>
+auto threaded_task(F&& f, Args&&... args);
+
+/// The completion callback of a callback_task: call it exactly once, from any thread.
+/// A second call only reports a std::logic_error to the error handler; if every copy is
+/// destroyed without a call, the job gets a std::logic_error instead of hanging.
+template <class T = void>
+class task_return {
+ public:
+  template <class U = T>
+    requires(!std::is_void_v<T> && std::is_convertible_v<U &&, T>)
+  void operator()(U&& value) const {
+    if (auto* s = claim()) s->set_value(std::forward<U>(value));
+  }
+  void operator()() const
+    requires std::is_void_v<T>
+  {
+    if (auto* s = claim()) s->set_value();
+  }
+  /// Completes the task by throwing e at the co_await.
+  void fail(std::exception_ptr e) const {
+    if (auto* s = claim()) s->set_error(std::move(e));
+  }
+
+ private:
+  template <class, class> friend class detail::callback_op;
+  explicit task_return(std::shared_ptr<detail::return_token<T>> t) : t_(std::move(t)) {}
+  detail::callback_state<T>* claim() const;
+  std::shared_ptr<detail::return_token<T>> t_;
+};
+
+/// co_await callback_task<T>(start): calls start(task_return<T>) on the loop thread and
+/// resumes the job with the value passed to task_return. start may return a canceller
+/// (a callable), called on the loop thread if the job is cancelled while waiting.
+template <class T = void, class Start>
+detail::callback_op<T, std::decay_t<Start>> callback_task(Start&& start);
+
+/// co_await wait_readable(fd) / wait_writable(fd): resumes when poll reports the fd ready,
+/// yielding revents. Throws std::system_error(EBADF) for an fd that is not open (or is
+/// closed while waited on).
+detail::fd_op wait_readable(int fd);
+detail::fd_op wait_writable(int fd);
+
+// ======================================================================================
+//                                   IMPLEMENTATION
+// ======================================================================================
+
+namespace detail {
+
+using clock_type = std::chrono::steady_clock;
+using time_point = clock_type::time_point;
+using duration = clock_type::duration;
+
+template <class T> struct is_job<job<T>> : std::true_type {};
+
+[[noreturn]] inline void fail_logic(const char* what) { throw std::logic_error(what); }
+
+// Durations from users may be of any type and any size. Compare in long double (64-bit
+// mantissa: exact for every int64 nanosecond count) so hours::max() cannot wrap.
+template <class Rep, class Period>
+duration saturate(std::chrono::duration<Rep, Period> d) noexcept {
+  using ld = std::chrono::duration<long double, std::nano>;
+  const long double n = std::chrono::duration_cast<ld>(d).count();
+  if (!(n == n)) return duration::zero();  // NaN
+  if (n >= ld(duration::max()).count()) return duration::max();
+  if (n <= ld(duration::min()).count()) return duration::min();
+  return std::chrono::duration_cast<duration>(ld(n));
+}
+
+inline time_point deadline_after(time_point now, duration d) noexcept {
+  if (d <= duration::zero()) return now;
+  if (now.time_since_epoch() > duration::max() - d) return time_point::max();
+  return now + d;
+}
+
+// --- Work items -------------------------------------------------------------------------
+
+// One entry of the ready queue: resume a coroutine (run == nullptr, arg = its address) or
+// call run(arg). Two words, trivially copyable: the hot path of every job switch.
+struct ready_item {
+  void (*run)(void*);
+  void* arg;
+};
+
+// A wait of a job that cancel() can withdraw. Every completion path clears ctx_->pending
+// before it enqueues the job, so a job is never resumed twice for one wait.
+struct op_base {
+  job_ctx* ctx_ = nullptr;
+  std::coroutine_handle<> waiter_;
+  virtual void cancel_op() noexcept = 0;
+
+ protected:
+  ~op_base() = default;
+};
+
+// --- Cross-thread inbox -----------------------------------------------------------------
+
+// The one path into the loop from other threads: push under a mutex, then wake the poll by
+// writing one byte to a pipe, but only if no wakeup is already on its way (`signalled`).
+// The loop drains the pipe *before* it resets `signalled` and takes the items, so an item
+// pushed at any moment is either taken now or has written a fresh byte. Writers hold the
+// inbox by shared_ptr, so the pipe outlives every writer even if the loop is gone.
+struct inbox {
+  std::mutex m;
+  std::vector<std::function<void()>> items;  // run on the loop thread; they only enqueue
+  bool closed = false;
+  std::atomic<bool> signalled{false};
+  std::atomic<bool> quit{false};
+  int rfd = -1, wfd = -1;
+
+  inbox() {
+    int fds[2];
+    if (::pipe(fds) != 0) throw std::system_error(errno, std::generic_category(), "coro_jobs: pipe");
+    rfd = fds[0];
+    wfd = fds[1];
+    for (int fd : fds) {
+      ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) | O_NONBLOCK);
+      ::fcntl(fd, F_SETFD, FD_CLOEXEC);
+    }
+  }
+  ~inbox() {
+    ::close(rfd);
+    ::close(wfd);
+  }
+  inbox(const inbox&) = delete;
+  inbox& operator=(const inbox&) = delete;
+
+  bool push(std::function<void()> fn) {
+    {
+      std::lock_guard<std::mutex> lock(m);
+      if (closed) return false;
+      items.push_back(std::move(fn));
+    }
+    wake();
+    return true;
+  }
+  void wake() noexcept {
+    if (!signalled.exchange(true, std::memory_order_acq_rel)) {
+      const char c = 1;
+      [[maybe_unused]] auto n = ::write(wfd, &c, 1);  // full pipe: a wakeup is pending anyway
+    }
+  }
+  void take(std::vector<std::function<void()>>& out) {
+    char buf[64];
+    while (::read(rfd, buf, sizeof buf) > 0) {
+    }
+    signalled.store(false, std::memory_order_release);
+    std::lock_guard<std::mutex> lock(m);
+    out.swap(items);
+  }
+  void close() {
+    std::vector<std::function<void()>> dropped;
+    {
+      std::lock_guard<std::mutex> lock(m);
+      closed = true;
+      dropped.swap(items);
+    }
+  }
+};
+
+// --- Worker pool ------------------------------------------------------------------------
+
+// Threads are started on demand up to `max` and then stay until the loop is destroyed. They
+// are detached and own the pool through a shared_ptr: the loop's destructor never waits for
+// a thread function that ignores its stop token.
+struct worker_pool {
+  std::mutex m;
+  std::condition_variable cv;
+  std::deque<std::function<void()>> queue;
+  std::size_t max = 1, threads = 0, idle = 0;
+  bool stopping = false;
+
+  static void submit(const std::shared_ptr<worker_pool>& p, std::function<void()> work) {
+    std::unique_lock<std::mutex> lock(p->m);
+    p->queue.push_back(std::move(work));
+    if (p->idle >= p->queue.size() || p->threads >= p->max) {
+      lock.unlock();
+      p->cv.notify_one();
+      return;
+    }
+    ++p->threads;
+    try {
+      std::thread([p] { p->work_loop(); }).detach();
+    } catch (...) {
+      --p->threads;
+      p->queue.pop_back();
+      throw;
+    }
+  }
+  void work_loop() {
+    std::unique_lock<std::mutex> lock(m);
+    for (;;) {
+      while (queue.empty() && !stopping) {
+        ++idle;
+        cv.wait(lock);
+        --idle;
+      }
+      if (queue.empty()) break;
+      auto work = std::move(queue.front());
+      queue.pop_front();
+      lock.unlock();
+      work();
+      work = nullptr;  // destroy captures outside the lock
+      lock.lock();
+    }
+    --threads;
+  }
+  void stop() {
+    std::deque<std::function<void()>> dropped;
+    {
+      std::lock_guard<std::mutex> lock(m);
+      stopping = true;
+      dropped.swap(queue);
+    }
+    cv.notify_all();
+  }
+};
+
+// --- Timers, watches ----------------------------------------------------------------------
+
+struct fd_owner {
+  std::size_t fd_index = 0;  // position in loop_impl::pfds while registered, else 0
+  virtual void fd_ready(loop_impl& loop, short revents) noexcept = 0;
+
+ protected:
+  ~fd_owner() = default;
+};
+
+// A timer entry fires by calling fire(arg, loop) when its deadline is due. `seq` breaks ties
+// so that equal deadlines fire in the order they were set.
+struct timer_entry {
+  time_point deadline;
+  std::uint64_t seq;
+  void (*fire)(void*, loop_impl&);
+  void* arg;
+  friend bool operator>(const timer_entry& a, const timer_entry& b) noexcept {
+    return a.deadline != b.deadline ? a.deadline > b.deadline : a.seq > b.seq;
+  }
+};
+
+// --- Jobs -------------------------------------------------------------------------------
+
+// While a job awaits a child, the awaiter (in the parent's frame) links the child's handle
+// into the job's chain, so the loop's destructor can destroy the frames innermost first
+// instead of recursing through 100,000 nested destructors.
+struct child_link {
+  void* slot;                  // the awaited job object's coroutine handle
+  void (*destroy)(void* slot);  // destroys that frame and empties the handle
+  child_link* outer;
+};
+
+// What one started job shares among its frames (root and children) and its handles.
+struct job_ctx {
+  loop_impl* loop = nullptr;
+  op_base* pending = nullptr;       // the cancellable wait the job is suspended on, if any
+  child_link* innermost = nullptr;  // the chain of children being awaited
+  std::coroutine_handle<> root;     // the top frame, until it ends
+  job_ctx *prev = nullptr, *next = nullptr;  // the loop's list of live jobs
+  handle_waiter* waiters = nullptr;  // jobs awaiting a handle of this one
+  std::exception_ptr error;
+  std::string name;
+  std::unique_ptr<void, void (*)(void*)> maker{nullptr, nullptr};  // start_job(lambda)
+  std::uint32_t refs = 0;     // handles + 1 while the frame lives
+  std::uint32_t handles = 0;  // job_handle copies
+  bool started = false, cancelled = false, done = false;
+  bool error_is_cancel = false, error_seen = false;
+
+  virtual ~job_ctx() = default;
+  bool cancel() noexcept;
+  void release() noexcept {
+    if (--refs == 0) delete this;
+  }
+  void rethrow_if_error();
+};
+
+template <class T>
+struct job_state final : job_ctx {
+  std::optional<T> value;
+  bool taken = false;
+  T get() {
+    rethrow_if_error();
+    if constexpr (std::is_copy_constructible_v<T>) {
+      return *value;
+    } else {
+      if (taken) fail_logic("coro_jobs: the move-only result of this job was already taken");
+      taken = true;
+      return std::move(*value);
+    }
+  }
+};
+template <>
+struct job_state<void> final : job_ctx {
+  void get() { rethrow_if_error(); }
+};
+
+struct access {
+  template <class T> static auto& handle(job<T>& j) noexcept { return j.h_; }
+  template <class T> static auto& state(job_handle<T>& h) noexcept { return h.s_; }
+  template <class T> static job<T> make_job(std::coroutine_handle<job_promise<T>> h) noexcept {
+    return job<T>(h);
+  }
+  static loop_impl& impl(event_loop& l) noexcept { return *l.impl_; }
+  static callback_handle make_handle(callback_node* n) noexcept;
+  static callback_node* node(const callback_handle& h) noexcept { return h.n_; }
+};
+
+// --- The loop ---------------------------------------------------------------------------
+
+struct callback_node final : fd_owner {
+  int refs = 1;
+  loop_impl* loop;              // null once the loop is gone
+  callback_node *prev_node = nullptr, *next_node = nullptr;  // the loop's list of nodes
+  bool is_timer = false;
+  std::function<void()> on_timer;
+  std::function<void(short)> on_fd;
+  std::uint64_t seq = 0;        // timer
+  bool active = true;           // timer not yet run / watch not cancelled
+  short revents = 0;            // watch: what the last poll said
+
+  explicit callback_node(loop_impl& l) noexcept;
+  callback_node(const callback_node&) = delete;
+  callback_node& operator=(const callback_node&) = delete;
+  ~callback_node();
+  void ref() noexcept { ++refs; }
+  void unref() noexcept {
+    if (--refs == 0) delete this;
+  }
+  void fd_ready(loop_impl& loop, short ev) noexcept override;
+  static void fire_timer(void* self, loop_impl& loop);
+  static void run_timer(void* self);
+  static void run_watch(void* self);
+};
+
+struct loop_impl {
+  event_loop* self;
+  std::thread::id owner = std::this_thread::get_id();
+
+  std::vector<ready_item> ready, running;  // this iteration's snapshot runs from `running`
+
+  std::vector<timer_entry> timers;  // a min-heap on (deadline, seq)
+  std::unordered_set<std::uint64_t> dead_timers;  // cancelled, still in the heap
+  std::uint64_t next_seq = 0;
+
+  std::vector<pollfd> pfds;         // [0] is the inbox pipe
+  std::vector<fd_owner*> fd_owners;  // parallel to pfds
+
+  std::shared_ptr<inbox> box = std::make_shared<inbox>();
+  std::vector<std::function<void()>> remote;  // the batch taken from the inbox
+  std::deque<std::function<void()>> posted;   // posted callbacks, in FIFO order
+
+  std::shared_ptr<worker_pool> pool = std::make_shared<worker_pool>();
+  std::size_t outstanding = 0;  // thread functions running + callback tasks waiting
+
+  job_ctx* jobs = nullptr;  // live jobs, newest first
+  callback_node* nodes = nullptr;  // every timer and watch node, to detach them at the end
+  std::deque<std::pair<std::string, std::exception_ptr>> errors;  // for the handler
+  error_handler on_error;
+
+  time_point now = clock_type::now();  // read once per iteration
+  bool in_iteration = false, closing = false;
+
+  loop_impl(event_loop* s, std::size_t workers) : self(s) {
+    if (workers == 0) {
+      const unsigned hw = std::thread::hardware_concurrency();
+      workers = std::min<std::size_t>(32, (hw ? hw : 1) + 4);
+    }
+    pool->max = workers;
+    pfds.push_back({box->rfd, POLLIN, 0});
+    fd_owners.push_back(nullptr);
+  }
+  ~loop_impl();
+
+  void check_thread(const char* what) const {
+    if (std::this_thread::get_id() != owner) fail_logic(what);
+  }
+
+  void enqueue(std::coroutine_handle<> h) { ready.push_back({nullptr, h.address()}); }
+
+  // ---- timers
+  std::uint64_t add_timer(time_point deadline, void (*fire)(void*, loop_impl&), void* arg) {
+    const std::uint64_t seq = ++next_seq;
+    timers.push_back({deadline, seq, fire, arg});
+    std::push_heap(timers.begin(), timers.end(), std::greater<>{});
+    return seq;
+  }
+  // Cancelling only marks the entry, as Redis and asyncio do; the heap drops it when it
+  // reaches the top, or in a sweep once dead entries are the majority.
+  void cancel_timer(std::uint64_t seq) {
+    dead_timers.insert(seq);
+    if (dead_timers.size() > 64 && dead_timers.size() * 2 > timers.size()) {
+      auto dead = [this](const timer_entry& e) {
+        if (!dead_timers.count(e.seq)) return false;
+        drop_timer(e);
+        return true;
+      };
+      timers.erase(std::remove_if(timers.begin(), timers.end(), dead), timers.end());
+      std::make_heap(timers.begin(), timers.end(), std::greater<>{});
+      dead_timers.clear();
+    }
+  }
+  static void drop_timer(const timer_entry& e) noexcept {
+    if (e.fire == &callback_node::fire_timer) static_cast<callback_node*>(e.arg)->unref();
+  }
+  std::size_t live_timers() const noexcept { return timers.size() - dead_timers.size(); }
+
+  // ---- fds
+  void add_fd(fd_owner* o, int fd, short events) {
+    pfds.push_back({fd, events, 0});
+    fd_owners.push_back(o);
+    o->fd_index = pfds.size() - 1;
+  }
+  void remove_fd(fd_owner* o) noexcept {
+    const std::size_t i = o->fd_index, last = pfds.size() - 1;
+    if (i == 0) return;
+    pfds[i] = pfds[last];
+    fd_owners[i] = fd_owners[last];
+    fd_owners[i]->fd_index = i;
+    pfds.pop_back();
+    fd_owners.pop_back();
+    o->fd_index = 0;
+  }
+
+  // ---- errors
+  static void run_report(void* self);
+  void report(std::string name, std::exception_ptr e) {
+    errors.emplace_back(std::move(name), std::move(e));
+    ready.push_back({&run_report, this});
+  }
+  void call_handler(std::string_view name, std::exception_ptr e) {
+    if (on_error) return on_error(name, std::move(e));
+    print_error(name, e);
+  }
+  static void print_error(std::string_view name, const std::exception_ptr& e) noexcept {
+    try {
+      std::rethrow_exception(e);
+    } catch (const std::exception& x) {
+      std::fprintf(stderr, "coro_jobs: %.*s failed: %s\n", int(name.size()), name.data(), x.what());
+    } catch (...) {
+      std::fprintf(stderr, "coro_jobs: %.*s failed with a non-std exception\n", int(name.size()),
+                   name.data());
+    }
+  }
+
+  // ---- jobs
+  void link(job_ctx* j) noexcept {
+    j->next = jobs;
+    if (jobs) jobs->prev = j;
+    jobs = j;
+  }
+  void unlink(job_ctx* j) noexcept {
+    (j->prev ? j->prev->next : jobs) = j->next;
+    if (j->next) j->next->prev = j->prev;
+    j->prev = j->next = nullptr;
+  }
+  void job_finished(job_ctx* j);
+  static void run_start(void* ctx);
+
+  static void run_posted(void* self) {
+    auto* l = static_cast<loop_impl*>(self);
+    auto fn = std::move(l->posted.front());
+    l->posted.pop_front();
+    try {
+      fn();
+    } catch (...) {
+      l->report("post", std::current_exception());
+    }
+  }
+
+  bool pending() const noexcept {
+    return !ready.empty() || live_timers() > 0 || pfds.size() > 1 || outstanding > 0 ||
+           box->signalled.load(std::memory_order_acquire);
+  }
+  bool run_once();
+  void wait(duration timeout_or_negative);
+  void collect_due_timers();
+};
+
+// One iteration, asyncio's _run_once in four steps:
+//   1. poll: without blocking if work is ready, else until the nearest timer, else until an
+//      fd or the inbox wakes us; nothing pending at all: return false.
+//   2. collect: cross-thread completions, fd events and due timers only enqueue work;
+//   3. run the ready snapshot: only what was ready when this step began, so a job that
+//      keeps yielding cannot starve timers or fds (its next turn is the next iteration);
+//   4. report whether anything is still pending.
+inline bool loop_impl::run_once() {
+  if (in_iteration) fail_logic("coro_jobs: run() or run_once() called from inside the loop");
+  if (!pending()) return false;
+  in_iteration = true;
+  struct reset {
+    bool& b;
+    ~reset() { b = false; }
+  } guard{in_iteration};
+
+  if (!ready.empty()) {
+    wait(duration::zero());
+  } else if (!timers.empty()) {
+    while (!timers.empty() && dead_timers.erase(timers.front().seq)) {
+      std::pop_heap(timers.begin(), timers.end(), std::greater<>{});
+      drop_timer(timers.back());
+      timers.pop_back();
+    }
+    wait(timers.empty() ? duration(-1) : std::max(timers.front().deadline - clock_type::now(),
+                                                  duration::zero()));
+  } else {
+    wait(duration(-1));
+  }
+  now = clock_type::now();
+
+  if (box->signalled.load(std::memory_order_acquire)) {
+    box->take(remote);
+    for (auto& fn : remote) fn();
+    remote.clear();
+  }
+  if (pfds.size() > 1) {
+    // Backwards, because a fired one-shot wait swaps the last entry into its place.
+    for (std::size_t i = pfds.size() - 1; i > 0; --i) {
+      if (i < pfds.size() && pfds[i].revents) {
+        const short ev = pfds[i].revents;
+        pfds[i].revents = 0;
+        fd_owners[i]->fd_ready(*this, ev);
+      }
+    }
+  }
+  collect_due_timers();
+
+  running.swap(ready);
+  std::size_t i = 0;
+  try {
+    for (; i < running.size(); ++i) {
+      const ready_item it = running[i];
+      if (!it.run)
+        std::coroutine_handle<>::from_address(it.arg).resume();
+      else
+        it.run(it.arg);
+    }
+  } catch (...) {
+    // Only the error handler throws out of here; keep the rest of the snapshot.
+    ready.insert(ready.begin(), running.begin() + std::ptrdiff_t(i) + 1, running.end());
+    running.clear();
+    throw;
+  }
+  running.clear();
+  return pending();
+}
+
+// Blocks in ppoll (nanosecond timeout) for at most `timeout` (negative: no limit). When
+// work is ready and no fd is watched, the syscall is skipped: the inbox flag is an atomic
+// we can read directly, which keeps a yield as cheap as a queue push.
+inline void loop_impl::wait(duration timeout) {
+  if (timeout == duration::zero() && pfds.size() == 1) return;
+  for (;;) {
+    int n;
+#if defined(__linux__) || defined(__FreeBSD__) || defined(__OpenBSD__) || defined(__NetBSD__)
+    timespec ts{}, *tsp = nullptr;
+    if (timeout >= duration::zero()) {
+      const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
+          std::min<duration>(timeout, std::chrono::hours(24 * 365)));
+      ts.tv_sec = time_t(ns.count() / 1000000000);
+      ts.tv_nsec = long(ns.count() % 1000000000);
+      tsp = &ts;
+    }
+    n = ::ppoll(pfds.data(), nfds_t(pfds.size()), tsp, nullptr);
+#else
+    int ms = -1;  // poll() has milliseconds: round up, or a timer would wake early and spin
+    if (timeout >= duration::zero())
+      ms = int(std::min<long long>(
+          (std::chrono::duration_cast<std::chrono::nanoseconds>(timeout).count() + 999999) / 1000000,
+          86400000));
+    n = ::poll(pfds.data(), nfds_t(pfds.size()), ms);
+#endif
+    if (n >= 0) return;
+    if (errno != EINTR) throw std::system_error(errno, std::generic_category(), "coro_jobs: poll");
+    // A signal: poll again for what is left, so EINTR can neither end nor postpone a wait.
+    if (timeout > duration::zero()) {
+      if (timers.empty()) return;
+      timeout = std::max(timers.front().deadline - clock_type::now(), duration::zero());
+    }
+  }
+}
+
+inline void loop_impl::collect_due_timers() {
+  while (!timers.empty() && timers.front().deadline <= now) {
+    std::pop_heap(timers.begin(), timers.end(), std::greater<>{});
+    const timer_entry e = timers.back();
+    timers.pop_back();
+    if (!dead_timers.empty() && dead_timers.erase(e.seq)) {
+      drop_timer(e);
+      continue;
+    }
+    e.fire(e.arg, *this);
+  }
+}
+
+inline void loop_impl::run_report(void* self) {
+  auto* l = static_cast<loop_impl*>(self);
+  auto [name, e] = std::move(l->errors.front());
+  l->errors.pop_front();
+  l->call_handler(name, std::move(e));
+}
+
+inline void callback_node::fd_ready(loop_impl& l, short ev) noexcept {
+  revents = ev;
+  if (ev & POLLNVAL) {  // a closed fd: report it once, then drop it, or poll would spin
+    l.remove_fd(this);
+    active = false;
+    unref();  // the registration's reference; the ready item below holds its own
+  }
+  ref();
+  l.ready.push_back({&run_watch, this});
+}
+inline void callback_node::run_watch(void* self) {
+  auto* n = static_cast<callback_node*>(self);
+  if ((n->active || (n->revents & POLLNVAL)) && n->loop) {
+    try {
+      n->on_fd(n->revents);
+    } catch (...) {
+      n->loop->report("watch", std::current_exception());
+    }
+  }
+  n->unref();
+}
+inline void callback_node::fire_timer(void* self, loop_impl& l) {
+  l.ready.push_back({&run_timer, self});  // hands the heap's reference to the ready item
+}
+inline void callback_node::run_timer(void* self) {
+  auto* n = static_cast<callback_node*>(self);
+  if (n->active && n->loop) {
+    n->active = false;
+    try {
+      n->on_timer();
+    } catch (...) {
+      n->loop->report("call_later", std::current_exception());
+    }
+  }
+  n->unref();
+}
+
+inline callback_node::callback_node(loop_impl& l) noexcept : loop(&l) {
+  next_node = l.nodes;
+  if (l.nodes) l.nodes->prev_node = this;
+  l.nodes = this;
+}
+inline callback_node::~callback_node() {
+  if (!loop) return;
+  (prev_node ? prev_node->next_node : loop->nodes) = next_node;
+  if (next_node) next_node->prev_node = prev_node;
+}
+
+inline callback_handle access::make_handle(callback_node* n) noexcept {
+  callback_handle h;
+  h.n_ = n;
+  return h;
+}
+
+inline bool job_ctx::cancel() noexcept {
+  if (done) return false;
+  cancelled = true;
+  if (op_base* p = pending) {
+    pending = nullptr;
+    p->cancel_op();
+    loop->enqueue(p->waiter_);
+  }
+  return true;
+}
+
+// A job awaiting a job_handle: queued on the target job until it ends.
+struct handle_waiter : op_base {
+  job_ctx* target = nullptr;
+  handle_waiter* next = nullptr;
+  void cancel_op() noexcept override {
+    for (handle_waiter** p = &target->waiters; *p; p = &(*p)->next) {
+      if (*p == this) {
+        *p = next;
+        break;
+      }
+    }
+  }
+
+ protected:
+  ~handle_waiter() = default;
+};
+
+// The top frame has ended (or was dropped unstarted): wake handle awaiters, report an error
+// that nobody can retrieve any more, and drop the frame's reference.
+inline void loop_impl::job_finished(job_ctx* j) {
+  j->done = true;
+  j->maker.reset();
+  for (handle_waiter* w = std::exchange(j->waiters, nullptr); w; w = w->next) {
+    w->ctx_->pending = nullptr;
+    enqueue(w->waiter_);
+  }
+  const bool unseen_error = j->error && !j->error_is_cancel;
+  if (unseen_error && j->handles == 0) {
+    j->error_seen = true;
+    report(j->name.empty() ? std::string("job") : j->name, j->error);
+  }
+  // A finished job with an error still to be seen stays listed, so that the loop can
+  // detach it if it dies first; the last handle then reports the error.
+  if (!(unseen_error && j->handles > 0)) {
+    unlink(j);
+    j->loop = nullptr;
+  }
+  j->release();
+}
+
+inline void loop_impl::run_start(void* p) {
+  auto* j = static_cast<job_ctx*>(p);
+  if (j->cancelled) {  // cancelled before its body began: never run it
+    std::exchange(j->root, {}).destroy();
+    j->error = std::make_exception_ptr(job_cancelled{});
+    j->error_is_cancel = true;
+    j->loop->job_finished(j);
+    return;
+  }
+  j->started = true;
+  j->root.resume();
+}
+
+// A job's error is seen by result() or an awaiter: it need not be reported any more.
+inline void observe_error(job_ctx* j) noexcept {
+  j->error_seen = true;
+  if (j->done && j->loop) {
+    j->loop->unlink(j);
+    j->loop = nullptr;
+  }
+}
+
+inline void job_ctx::rethrow_if_error() {
+  if (error) {
+    observe_error(this);
+    std::rethrow_exception(error);
+  }
+}
+
+// --- Promise and awaiters -----------------------------------------------------------------
+
+template <class T> struct always_false : std::false_type {};
+template <class T> struct is_handle : std::false_type {};
+template <class T> struct is_handle<job_handle<T>> : std::true_type {};
+
+inline void require_job(job_ctx* ctx) {
+  if (!ctx) fail_logic("coro_jobs: tasks can only be co_awaited inside a coro_jobs::job");
+}
+
+template <class T> struct job_awaiter;
+template <class T> struct handle_awaiter;
+
+inline bool is_cancellation(const std::exception_ptr& e) noexcept {
+  try {
+    std::rethrow_exception(e);
+  } catch (const job_cancelled&) {
+    return true;
+  } catch (...) {
+    return false;
+  }
+}
+
+struct final_awaiter {
+  bool await_ready() noexcept { return false; }
+  // A child transfers straight to its parent (symmetric transfer: no stack growth however
+  // long the chain). The top frame hands its result to the job state and destroys itself.
+  template <class P>
+  std::coroutine_handle<> await_suspend(std::coroutine_handle<P> h) noexcept {
+    P& p = h.promise();
+    if (p.continuation) return p.continuation;
+    job_ctx* j = p.ctx;
+    p.store_result();
+    j->root = {};
+    h.destroy();
+    j->loop->job_finished(j);
+    return std::noop_coroutine();
+  }
+  void await_resume() noexcept {}
+};
+
+struct promise_base {
+  job_ctx* ctx = nullptr;                // the started job this frame runs for
+  std::coroutine_handle<> continuation;  // the parent frame; null for the top frame
+  std::exception_ptr error;
+
+  std::suspend_always initial_suspend() noexcept { return {}; }
+  final_awaiter final_suspend() noexcept { return {}; }
+  void unhandled_exception() noexcept { error = std::current_exception(); }
+
+  template <class U> job_awaiter<U> await_transform(job<U>&& j) noexcept { return {j, ctx}; }
+  template <class U> job_awaiter<U> await_transform(job<U>& j) noexcept { return {j, ctx}; }
+  template <class U> handle_awaiter<U> await_transform(const job_handle<U>& h) {
+    return handle_awaiter<U>(h, ctx);
+  }
+  template <class A>
+    requires std::derived_from<std::remove_cvref_t<A>, op_base>
+  A&& await_transform(A&& a) noexcept {
+    a.ctx_ = ctx;
+    return std::forward<A>(a);
+  }
+  template <class A>
+    requires(!std::derived_from<std::remove_cvref_t<A>, op_base> &&
+             !is_job<std::remove_cvref_t<A>>::value && !is_handle<std::remove_cvref_t<A>>::value)
+  A&& await_transform(A&& a) noexcept {
+    static_assert(always_false<A>::value,
+                  "a coro_jobs::job can co_await jobs, job_handles and coro_jobs tasks only "
+                  "(so that cancellation reaches every wait); wrap other asynchronous APIs "
+                  "in callback_task");
+    return std::forward<A>(a);
+  }
+
+ protected:
+  void store_error(job_ctx* j) {
+    j->error = std::move(error);
+    j->error_is_cancel = is_cancellation(j->error);
+  }
+};
+
+template <class T>
+struct job_promise : promise_base {
+  std::optional<T> value;
+  job<T> get_return_object() noexcept {
+    return access::make_job<T>(std::coroutine_handle<job_promise>::from_promise(*this));
+  }
+  void return_value(T v) { value.emplace(std::move(v)); }
+  void store_result() {
+    if (error) return store_error(ctx);
+    static_cast<job_state<T>*>(ctx)->value = std::move(value);
+  }
+  T take() {
+    if (error) std::rethrow_exception(error);
+    return std::move(*value);
+  }
+};
+
+template <>
+struct job_promise<void> : promise_base {
+  job<void> get_return_object() noexcept {
+    return access::make_job<void>(std::coroutine_handle<job_promise>::from_promise(*this));
+  }
+  void return_void() noexcept {}
+  void store_result() {
+    if (error) store_error(ctx);
+  }
+  void take() {
+    if (error) std::rethrow_exception(error);
+  }
+};
+
+// co_await of a child job: the child runs in this job's context (its cancellation included)
+// and its frame is destroyed as soon as its result is taken.
+template <class T>
+struct job_awaiter {
+  using handle = std::coroutine_handle<job_promise<T>>;
+  handle& child;  // the job object's handle, emptied here
+  job_ctx* ctx;
+  child_link link{};
+
+  static void destroy_child(void* slot) noexcept {
+    handle& h = *static_cast<handle*>(slot);
+    std::exchange(h, {}).destroy();
+  }
+  job_awaiter(job<T>& j, job_ctx* c) noexcept : child(access::handle(j)), ctx(c) {}
+  bool await_ready() {
+    require_job(ctx);
+    if (!child) throw std::invalid_argument("coro_jobs: co_await of an empty job (moved-from or already awaited)");
+    return ctx->cancelled;
+  }
+  std::coroutine_handle<> await_suspend(std::coroutine_handle<> parent) noexcept {
+    auto& p = child.promise();
+    p.ctx = ctx;
+    p.continuation = parent;
+    link = {&child, &destroy_child, ctx->innermost};
+    ctx->innermost = &link;
+    return child;
+  }
+  T await_resume() {
+    if (!link.slot) throw job_cancelled{};
+    ctx->innermost = link.outer;
+    struct destroy_on_exit {
+      handle h;
+      ~destroy_on_exit() { h.destroy(); }
+    } d{std::exchange(child, {})};
+    return d.h.promise().take();
+  }
+};
+
+template <class T>
+struct handle_awaiter final : handle_waiter {
+  job_handle<T> h;  // keeps the awaited job's state alive while we wait
+  handle_awaiter(const job_handle<T>& hh, job_ctx* c) : h(hh) { ctx_ = c; }
+  bool await_ready() {
+    require_job(ctx_);
+    auto* s = access::state(h);
+    if (!s) throw std::invalid_argument("coro_jobs: co_await of an empty job_handle");
+    if (s == ctx_) fail_logic("coro_jobs: a job cannot co_await its own handle");
+    if (!s->done && s->loop != ctx_->loop) fail_logic("coro_jobs: co_await of a job on another event_loop");
+    return ctx_->cancelled || s->done;
+  }
+  void await_suspend(std::coroutine_handle<> w) noexcept {
+    auto* s = access::state(h);
+    waiter_ = w;
+    target = s;
+    next = s->waiters;
+    s->waiters = this;
+    ctx_->pending = this;
+  }
+  T await_resume() {
+    if (ctx_->cancelled) throw job_cancelled{};
+    return access::state(h)->get();
+  }
+};
+
+// --- Tasks ------------------------------------------------------------------------------
+
+class sleep_op final : public op_base {
+ public:
+  explicit sleep_op(duration d) noexcept : d_(d) {}
+  bool await_ready() const {
+    require_job(ctx_);
+    return ctx_->cancelled;
+  }
+  void await_suspend(std::coroutine_handle<> h) {
+    loop_impl& l = *ctx_->loop;
+    waiter_ = h;
+    if (d_ <= duration::zero()) {  // a plain yield: the next iteration, no timer, no clock read
+      start_ = l.now;
+      l.enqueue(h);
+      return;
+    }
+    // The real clock, not the iteration's cached one, so the sleep can never end early.
+    start_ = clock_type::now();
+    seq_ = l.add_timer(deadline_after(start_, d_), &fire, this);
+    ctx_->pending = this;
+  }
+  duration await_resume() const {
+    if (ctx_->cancelled) throw job_cancelled{};
+    return ctx_->loop->now - start_;
+  }
+  void cancel_op() noexcept override { ctx_->loop->cancel_timer(seq_); }
+
+ private:
+  static void fire(void* self, loop_impl& l) {
+    auto* op = static_cast<sleep_op*>(self);
+    op->ctx_->pending = nullptr;
+    l.enqueue(op->waiter_);
+  }
+  duration d_;
+  time_point start_{};
+  std::uint64_t seq_ = 0;
+};
+
+class fd_op final : public op_base, public fd_owner {
+ public:
+  fd_op(int fd, short events) noexcept : fd_(fd), events_(events) {}
+  bool await_ready() const {
+    require_job(ctx_);
+    if (ctx_->cancelled) return true;
+    if (fd_ < 0 || ::fcntl(fd_, F_GETFD) == -1)
+      throw std::system_error(EBADF, std::generic_category(), "coro_jobs: wait on a bad fd");
+    return false;
+  }
+  void await_suspend(std::coroutine_handle<> h) {
+    waiter_ = h;
+    ctx_->loop->add_fd(this, fd_, events_);
+    ctx_->pending = this;
+  }
+  short await_resume() const {
+    if (ctx_->cancelled) throw job_cancelled{};
+    if (revents_ & POLLNVAL)
+      throw std::system_error(EBADF, std::generic_category(), "coro_jobs: fd closed while waited on");
+    return revents_;
+  }
+  void cancel_op() noexcept override { ctx_->loop->remove_fd(this); }
+  void fd_ready(loop_impl& l, short ev) noexcept override {
+    revents_ = ev;
+    l.remove_fd(this);
+    ctx_->pending = nullptr;
+    l.enqueue(waiter_);
+  }
+
+ private:
+  int fd_;
+  short events_, revents_ = 0;
+};
+
+// A value or an exception, written by one thread and read by the loop thread after the
+// inbox handed it over (the inbox's mutex orders the two).
+template <class T>
+struct result_box {
+  std::optional<T> value;
+  std::exception_ptr error;
+  template <class... A> void set(A&&... a) { value.emplace(std::forward<A>(a)...); }
+  T take() {
+    if (error) std::rethrow_exception(error);
+    return std::move(*value);
+  }
+};
+template <>
+struct result_box<void> {
+  std::exception_ptr error;
+  void set() noexcept {}
+  void take() const {
+    if (error) std::rethrow_exception(error);
+  }
+};
+
+// What a worker thread and the awaiting job share. `abandoned` and `op` belong to the loop
+// thread; the worker writes only `result` before handing the state to the inbox.
+template <class R>
+struct thread_shared {
+  std::stop_source stop;
+  result_box<R> result;
+  op_base* op = nullptr;
+  bool abandoned = false;
+};
+
+template <class R, class Fn>
+class thread_op final : public op_base {
+ public:
+  explicit thread_op(Fn fn) : fn_(std::move(fn)) {}
+  bool await_ready() const {
+    require_job(ctx_);
+    return ctx_->cancelled;
+  }
+  void await_suspend(std::coroutine_handle<> h) {
+    loop_impl& l = *ctx_->loop;
+    sh_ = std::make_shared<thread_shared<R>>();
+    sh_->op = this;
+    waiter_ = h;
+    worker_pool::submit(l.pool, [fn = std::make_shared<Fn>(std::move(fn_)), sh = sh_, box = l.box,
+                                 lp = &l]() mutable {
+      try {
+        if constexpr (std::is_void_v<R>)
+          (*fn)(sh->stop.get_token());
+        else
+          sh->result.set((*fn)(sh->stop.get_token()));
+      } catch (...) {
+        sh->result.error = std::current_exception();
+      }
+      fn.reset();  // the function's captures die on the worker, as with std::thread
+      box->push([sh = std::move(sh), lp] {
+        --lp->outstanding;
+        if (sh->abandoned) return;
+        sh->op->ctx_->pending = nullptr;
+        lp->enqueue(sh->op->waiter_);
+      });
+    });
+    ++l.outstanding;
+    ctx_->pending = this;
+  }
+  R await_resume() {
+    if (ctx_->cancelled) throw job_cancelled{};
+    return sh_->result.take();
+  }
+  void cancel_op() noexcept override {
+    sh_->abandoned = true;
+    sh_->stop.request_stop();
+  }
+
+ private:
+  Fn fn_;
+  std::shared_ptr<thread_shared<R>> sh_;
+};
+
+template <class T>
+struct callback_state : std::enable_shared_from_this<callback_state<T>> {
+  std::atomic<bool> claimed{false};
+  result_box<T> result;
+  std::shared_ptr<inbox> box;
+  loop_impl* loop;
+  op_base* op = nullptr;  // loop thread only, as are the flags
+  bool cancelled = false, counted = false;
+
+  callback_state(std::shared_ptr<inbox> b, loop_impl* l) : box(std::move(b)), loop(l) {}
+  template <class... A> void set_value(A&&... a) {
+    result.set(std::forward<A>(a)...);
+    deliver();
+  }
+  void set_error(std::exception_ptr e) {
+    result.error = std::move(e);
+    deliver();
+  }
+  void deliver() {
+    box->push([s = this->shared_from_this()] { s->arrived(); });
+  }
+  void uncount() noexcept {
+    if (counted) {
+      counted = false;
+      --loop->outstanding;
+    }
+  }
+  void arrived() {
+    uncount();
+    if (cancelled) return;
+    op->ctx_->pending = nullptr;
+    loop->enqueue(op->waiter_);
+  }
+  void called_twice() {
+    box->push([l = loop] {
+      l->report("task_return", std::make_exception_ptr(std::logic_error(
+                                   "coro_jobs: task_return called more than once")));
+    });
+  }
+};
+
+// Held by every copy of a task_return; when the last copy dies without a call, the job gets
+// an error instead of waiting forever (std::promise's broken_promise, for callbacks).
+template <class T>
+struct return_token {
+  std::shared_ptr<callback_state<T>> st;
+  explicit return_token(std::shared_ptr<callback_state<T>> s) : st(std::move(s)) {}
+  ~return_token() {
+    if (!st->claimed.exchange(true)) {
+      st->set_error(std::make_exception_ptr(
+          std::logic_error("coro_jobs: task_return destroyed without being called")));
+    }
+  }
+  return_token(const return_token&) = delete;
+  return_token& operator=(const return_token&) = delete;
+};
+
+template <class T, class Start>
+class callback_op final : public op_base {
+  using start_result = std::invoke_result_t<Start&, task_return<T>>;
+  static_assert(std::is_void_v<start_result> || std::is_invocable_v<start_result&>,
+                "callback_task: start must return void or a canceller callable with no arguments");
+  using canceller = std::conditional_t<std::is_void_v<start_result>, char, start_result>;
+
+ public:
+  explicit callback_op(Start s) : start_(std::move(s)) {}
+  bool await_ready() const {
+    require_job(ctx_);
+    return ctx_->cancelled;
+  }
+  void await_suspend(std::coroutine_handle<> h) {
+    loop_impl& l = *ctx_->loop;
+    st_ = std::make_shared<callback_state<T>>(l.box, &l);
+    st_->op = this;
+    waiter_ = h;
+    task_return<T> ret(std::make_shared<return_token<T>>(st_));
+    try {
+      if constexpr (std::is_void_v<start_result>)
+        start_(std::move(ret));
+      else
+        cancel_.emplace(start_(std::move(ret)));
+    } catch (...) {
+      st_->cancelled = true;  // whatever start did with task_return is ignored now
+      throw;
+    }
+    st_->counted = true;
+    ++l.outstanding;
+    ctx_->pending = this;
+  }
+  T await_resume() {
+    if (ctx_->cancelled) throw job_cancelled{};
+    return st_->result.take();
+  }
+  void cancel_op() noexcept override {
+    st_->cancelled = true;
+    st_->uncount();
+    if constexpr (!std::is_void_v<start_result>) {
+      try {
+        if (cancel_) (*cancel_)();
+      } catch (...) {
+        st_->loop->report("canceller", std::current_exception());
+      }
+    }
+  }
+
+ private:
+  Start start_;
+  std::shared_ptr<callback_state<T>> st_;
+  std::optional<canceller> cancel_;
+};
+
+// --- Which loop --------------------------------------------------------------------------
+
+// Loops by owning thread, for start_job(job) outside run(). Never destroyed, so a loop that
+// outlives static destruction can still unregister.
+struct registry_t {
+  std::mutex m;
+  std::vector<std::pair<std::thread::id, event_loop*>> loops;
+};
+inline registry_t& registry() {
+  static registry_t* r = new registry_t;
+  return *r;
+}
+inline event_loop*& running_loop() noexcept {
+  thread_local event_loop* p = nullptr;
+  return p;
+}
+inline event_loop& current_loop() {
+  if (event_loop* p = running_loop()) return *p;
+  auto& r = registry();
+  std::lock_guard<std::mutex> lock(r.m);
+  const auto id = std::this_thread::get_id();
+  for (auto it = r.loops.rbegin(); it != r.loops.rend(); ++it)
+    if (it->first == id) return *it->second;
+  fail_logic("coro_jobs: start_job(job) found no event_loop on this thread; create one first or pass it");
+}
+
+// ---- The loop's destructor
+
+inline loop_impl::~loop_impl() {
+  closing = true;
+  box->close();  // later completions from workers and task_returns are dropped
+  pool->stop();  // queued thread functions never run; running ones finish on their own
+  while (job_ctx* j = jobs) {
+    unlink(j);
+    if (j->done) {  // ended with an error a handle may still read
+      j->loop = nullptr;
+      continue;
+    }
+    j->cancelled = true;
+    if (op_base* p = std::exchange(j->pending, nullptr)) p->cancel_op();
+    while (child_link* c = j->innermost) {  // innermost first: no deep recursion
+      j->innermost = c->outer;
+      c->destroy(c->slot);
+    }
+    if (j->root) std::exchange(j->root, {}).destroy();
+    j->maker.reset();
+    j->error = std::make_exception_ptr(job_cancelled{});
+    j->error_is_cancel = true;
+    j->done = true;
+    j->waiters = nullptr;
+    j->loop = nullptr;
+    j->release();
+  }
+  for (const timer_entry& e : timers) drop_timer(e);
+  for (std::size_t i = 1; i < fd_owners.size(); ++i)  // job waits are gone: only watches
+    static_cast<callback_node*>(fd_owners[i])->unref();
+  for (auto* q : {&ready, &running})
+    for (const ready_item& it : *q)
+      if (it.run == &callback_node::run_timer || it.run == &callback_node::run_watch)
+        static_cast<callback_node*>(it.arg)->unref();
+  for (callback_node* n = nodes; n; n = n->next_node) n->loop = nullptr;
+  for (auto& [name, e] : errors) {
+    try {
+      call_handler(name, e);
+    } catch (...) {
+      std::fputs("coro_jobs: the error handler threw during ~event_loop\n", stderr);
+    }
+  }
+}
+
+}  // namespace detail
+
+// ======================================================================================
+//                          Public API: out-of-line definitions
+// ======================================================================================
+
+inline callback_handle::callback_handle(const callback_handle& o) noexcept : n_(o.n_) {
+  if (n_) n_->ref();
+}
+inline callback_handle& callback_handle::operator=(const callback_handle& o) noexcept {
+  if (o.n_) o.n_->ref();
+  if (n_) n_->unref();
+  n_ = o.n_;
+  return *this;
+}
+inline callback_handle::~callback_handle() {
+  if (n_) n_->unref();
+}
+inline bool callback_handle::active() const noexcept { return n_ && n_->loop && n_->active; }
+inline bool callback_handle::cancel() {
+  if (!active()) return false;
+  n_->loop->check_thread("coro_jobs: callback_handle::cancel called from a thread that does not own the loop");
+  n_->active = false;
+  if (n_->is_timer) {
+    n_->loop->cancel_timer(n_->seq);
+    n_->on_timer = nullptr;  // free its captures now; it is not running (it was active)
+  } else {
+    n_->loop->remove_fd(n_);
+    n_->unref();  // the registration's reference
+  }
+  return true;
+}
+
+inline event_loop::event_loop() : event_loop(0) {}
+inline event_loop::event_loop(std::size_t worker_threads)
+    : impl_(std::make_unique<detail::loop_impl>(this, worker_threads)) {
+  auto& r = detail::registry();
+  std::lock_guard<std::mutex> lock(r.m);
+  r.loops.emplace_back(std::this_thread::get_id(), this);
+}
+inline event_loop::~event_loop() {
+  {
+    auto& r = detail::registry();
+    std::lock_guard<std::mutex> lock(r.m);
+    r.loops.erase(std::remove_if(r.loops.begin(), r.loops.end(),
+                                 [this](const auto& p) { return p.second == this; }),
+                  r.loops.end());
+  }
+  if (detail::running_loop() == this) detail::running_loop() = nullptr;
+  impl_.reset();
+}
+
+inline bool event_loop::run_once() {
+  impl_->check_thread("coro_jobs: event_loop::run_once called from a thread that does not own the loop");
+  event_loop* const outer = std::exchange(detail::running_loop(), this);
+  struct restore {
+    event_loop* p;
+    ~restore() { detail::running_loop() = p; }
+  } r{outer};
+  return impl_->run_once();
+}
+inline void event_loop::run() {
+  impl_->check_thread("coro_jobs: event_loop::run called from a thread that does not own the loop");
+  if (impl_->in_iteration) detail::fail_logic("coro_jobs: run() or run_once() called from inside the loop");
+  while (!impl_->box->quit.exchange(false) && run_once()) {
+  }
+}
+inline void event_loop::quit() noexcept {
+  impl_->box->quit.store(true);
+  impl_->box->wake();
+}
+inline void event_loop::post(std::function<void()> fn) {
+  if (!fn) throw std::invalid_argument("coro_jobs: post of an empty function");
+  impl_->box->push([l = impl_.get(), f = std::move(fn)]() mutable {
+    l->posted.push_back(std::move(f));
+    l->ready.push_back({&detail::loop_impl::run_posted, l});
+  });
+}
+template <class Rep, class Period>
+callback_handle event_loop::call_later(std::chrono::duration<Rep, Period> delay,
+                                       std::function<void()> fn) {
+  return call_later_impl(detail::saturate(delay), std::move(fn));
+}
+inline callback_handle event_loop::call_later_impl(detail::duration delay, std::function<void()> fn) {
+  auto& l = *impl_;
+  l.check_thread("coro_jobs: event_loop::call_later called from a thread that does not own the loop");
+  if (!fn) throw std::invalid_argument("coro_jobs: call_later of an empty function");
+  auto* n = new detail::callback_node(l);
+  auto h = detail::access::make_handle(n);  // owns the first reference
+  n->is_timer = true;
+  n->on_timer = std::move(fn);
+  n->seq = l.add_timer(detail::deadline_after(detail::clock_type::now(), delay),
+                       &detail::callback_node::fire_timer, n);
+  n->ref();  // the heap's
+  return h;
+}
+inline callback_handle event_loop::watch(int fd, short events, std::function<void(short)> fn) {
+  auto& l = *impl_;
+  l.check_thread("coro_jobs: event_loop::watch called from a thread that does not own the loop");
+  if (!fn) throw std::invalid_argument("coro_jobs: watch of an empty function");
+  if (fd < 0 || ::fcntl(fd, F_GETFD) == -1)
+    throw std::system_error(EBADF, std::generic_category(), "coro_jobs: watch of a bad fd");
+  auto* n = new detail::callback_node(l);
+  auto h = detail::access::make_handle(n);
+  n->on_fd = std::move(fn);
+  l.add_fd(n, fd, events);
+  n->ref();  // the registration's
+  return h;
+}
+inline void event_loop::set_error_handler(error_handler handler) {
+  impl_->check_thread("coro_jobs: set_error_handler called from a thread that does not own the loop");
+  impl_->on_error = std::move(handler);
+}
+
+template <class T>
+job_handle<T>::job_handle(const job_handle& o) noexcept : s_(o.s_) {
+  if (s_) ++s_->refs, ++s_->handles;
+}
+template <class T>
+job_handle<T>& job_handle<T>::operator=(const job_handle& o) noexcept {
+  if (this != &o) {
+    job_handle tmp(o);
+    std::swap(s_, tmp.s_);
+  }
+  return *this;
+}
+template <class T>
+job_handle<T>::~job_handle() {
+  if (!s_) return;
+  if (--s_->handles == 0 && s_->done && s_->error && !s_->error_is_cancel && !s_->error_seen) {
+    s_->error_seen = true;
+    if (detail::loop_impl* l = s_->loop) {
+      l->report(s_->name.empty() ? std::string("job") : s_->name, s_->error);
+      l->unlink(s_);
+      s_->loop = nullptr;
+    } else {  // the loop is gone: its handler with it
+      detail::loop_impl::print_error(s_->name, s_->error);
+    }
+  }
+  s_->release();
+}
+template <class T>
+bool job_handle<T>::done() const {
+  if (!s_) throw std::invalid_argument("coro_jobs: done() of an empty job_handle");
+  if (!s_->done) s_->loop->check_thread("coro_jobs: job_handle used from a thread that does not own the loop");
+  return s_->done;
+}
+template <class T>
+bool job_handle<T>::cancel() {
+  if (!s_) throw std::invalid_argument("coro_jobs: cancel() of an empty job_handle");
+  if (s_->done) return false;
+  s_->loop->check_thread("coro_jobs: job_handle used from a thread that does not own the loop");
+  return s_->cancel();
+}
+template <class T>
+T job_handle<T>::result() {
+  if (!s_) throw std::invalid_argument("coro_jobs: result() of an empty job_handle");
+  if (!s_->done) {
+    s_->loop->check_thread("coro_jobs: job_handle used from a thread that does not own the loop");
+    detail::fail_logic("coro_jobs: result() of a job that has not ended");
+  }
+  return s_->get();
+}
+template <class T>
+std::string_view job_handle<T>::name() const {
+  if (!s_) throw std::invalid_argument("coro_jobs: name() of an empty job_handle");
+  return s_->name;
+}
+
+template <class T>
+job_handle<T> start_job(event_loop& loop, job<T> j, std::string name) {
+  auto& l = detail::access::impl(loop);
+  l.check_thread("coro_jobs: start_job called from a thread that does not own the loop");
+  auto& h = detail::access::handle(j);
+  if (!h) throw std::invalid_argument("coro_jobs: start_job of an empty job (moved-from or already started)");
+  auto* s = new detail::job_state<T>();
+  s->loop = &l;
+  s->name = std::move(name);
+  s->root = h;
+  s->refs = 2;  // the frame and the handle below
+  s->handles = 1;
+  h.promise().ctx = s;
+  h = {};  // the state owns the frame now
+  l.link(s);
+  l.ready.push_back({&detail::loop_impl::run_start, static_cast<detail::job_ctx*>(s)});
+  job_handle<T> r;
+  detail::access::state(r) = s;
+  return r;
+}
+template <class T>
+job_handle<T> start_job(job<T> j, std::string name) {
+  return start_job(detail::current_loop(), std::move(j), std::move(name));
+}
+template <class F>
+  requires std::invocable<F&> && detail::is_job<std::invoke_result_t<F&>>::value
+auto start_job(event_loop& loop, F&& make, std::string name) {
+  using maker_t = std::decay_t<F>;
+  auto keep = std::make_unique<maker_t>(std::forward<F>(make));
+  auto h = start_job(loop, (*keep)(), std::move(name));
+  detail::access::state(h)->maker = {keep.release(),
+                                     [](void* p) { delete static_cast<maker_t*>(p); }};
+  return h;
+}
+template <class F>
+  requires std::invocable<F&> && detail::is_job<std::invoke_result_t<F&>>::value
+auto start_job(F&& make, std::string name) {
+  return start_job(detail::current_loop(), std::forward<F>(make), std::move(name));
+}
+
+template <class Rep, class Period>
+detail::sleep_op sleep_task(std::chrono::duration<Rep, Period> d) {
+  return detail::sleep_op(detail::saturate(d));
+}
+
+template <class F, class... Args>
+auto threaded_task(F&& f, Args&&... args) {
+  // Decay-copied like std::thread's arguments: the worker must not refer to the job's frame.
+  auto call = [f = std::forward<F>(f), ... a = std::forward<Args>(args)](std::stop_token st) mutable
+      -> decltype(auto) {
+    if constexpr (std::is_invocable_v<std::decay_t<F>&, std::stop_token, std::decay_t<Args>&...>)
+      return std::invoke(f, std::move(st), a...);
+    else
+      return std::invoke(f, a...);
+  };
+  using R = std::decay_t<std::invoke_result_t<decltype(call)&, std::stop_token>>;
+  return detail::thread_op<R, decltype(call)>(std::move(call));
+}
+
+template <class T>
+detail::callback_state<T>* task_return<T>::claim() const {
+  if (!t_) throw std::logic_error("coro_jobs: call of an empty (moved-from) task_return");
+  auto* s = t_->st.get();
+  if (s->claimed.exchange(true)) {
+    s->called_twice();
+    return nullptr;
+  }
+  return s;
+}
+
+template <class T, class Start>
+detail::callback_op<T, std::decay_t<Start>> callback_task(Start&& start) {
+  return detail::callback_op<T, std::decay_t<Start>>(std::forward<Start>(start));
+}
+
+inline detail::fd_op wait_readable(int fd) { return detail::fd_op(fd, POLLIN); }
+inline detail::fd_op wait_writable(int fd) { return detail::fd_op(fd, POLLOUT); }
+
+}  // namespace coro_jobs
+
+#endif  // CORO_JOBS_HPP

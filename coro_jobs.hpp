@@ -123,6 +123,17 @@ struct job_cancelled : std::exception {
 /// "call_later", "watch", "task_return") and the exception.
 using error_handler = std::function<void(std::string_view name, std::exception_ptr error)>;
 
+/// What a loop holds right now (for tests and debug dumps).
+struct loop_stats {
+  std::size_t jobs;         // started jobs that have not ended
+  std::size_t timers;       // sleeps and call_later timers not yet fired or cancelled
+  std::size_t fd_waits;     // watches and wait_readable/wait_writable registrations
+  std::size_t outstanding;  // thread functions running and callback tasks waiting
+  std::size_t ready;        // work queued for the next iteration
+  std::uint64_t iterations; // run_once calls that did work, since the loop was made
+  std::uint64_t polls;      // ppoll/poll calls among them (fast iterations skip the syscall)
+};
+
 /// A registered timer or fd watch. Copyable; cancel() from the loop thread.
 class callback_handle {
  public:
@@ -170,6 +181,8 @@ class event_loop {
   callback_handle watch(int fd, short events, std::function<void(short revents)> fn);
   /// Replaces the error handler (the default prints the name and what() to stderr).
   void set_error_handler(error_handler handler);
+  /// Counts of what the loop holds.
+  loop_stats stats() const;
 
  private:
   friend struct detail::access;
@@ -396,10 +409,16 @@ struct inbox {
       [[maybe_unused]] auto n = ::write(wfd, &c, 1);  // full pipe: a wakeup is pending anyway
     }
   }
-  void take(std::vector<std::function<void()>>& out) {
+  // Empties the pipe. Also called when poll saw the pipe readable but the flag was down:
+  // a writer that lost the race with take() leaves its byte behind, and an undrained byte
+  // would make every later poll return at once (a busy loop until the next post).
+  void drain() noexcept {
     char buf[64];
     while (::read(rfd, buf, sizeof buf) > 0) {
     }
+  }
+  void take(std::vector<std::function<void()>>& out) {
+    drain();
     signalled.store(false, std::memory_order_release);
     std::lock_guard<std::mutex> lock(m);
     out.swap(items);
@@ -606,6 +625,7 @@ struct loop_impl {
 
   std::shared_ptr<worker_pool> pool = std::make_shared<worker_pool>();
   std::size_t outstanding = 0;  // thread functions running + callback tasks waiting
+  std::uint64_t iterations = 0, polls = 0;  // for stats(): benchmarks and the idle test
 
   job_ctx* jobs = nullptr;  // live jobs, newest first
   callback_node* nodes = nullptr;  // every timer and watch node, to detach them at the end
@@ -631,6 +651,20 @@ struct loop_impl {
   }
 
   void enqueue(std::coroutine_handle<> h) { ready.push_back({nullptr, h.address()}); }
+
+  // The one place job frames are resumed. A frame that awaits a child, or a child that
+  // finishes, does not resume the other itself: it leaves it in `next` and returns here.
+  // Symmetric transfer would do the same with a tail call, but GCC emits a real call at
+  // -O0 and under ASan, so 10,000,000 awaits would overflow the stack; this loop costs one
+  // return and one indirect call per transfer and keeps the stack flat at any -O level.
+  std::coroutine_handle<> next;
+  void resume(std::coroutine_handle<> h) {
+    do {
+      next = {};
+      h.resume();
+      h = next;
+    } while (h);
+  }
 
   // ---- timers
   std::uint64_t add_timer(time_point deadline, void (*fire)(void*, loop_impl&), void* arg) {
@@ -762,10 +796,14 @@ inline bool loop_impl::run_once() {
   }
   now = clock_type::now();
 
+  ++iterations;
+  const bool pipe_readable = std::exchange(pfds[0].revents, short(0)) != 0;
   if (box->signalled.load(std::memory_order_acquire)) {
     box->take(remote);
     for (auto& fn : remote) fn();
     remote.clear();
+  } else if (pipe_readable) {
+    box->drain();
   }
   if (pfds.size() > 1) {
     // Backwards, because a fired one-shot wait swaps the last entry into its place.
@@ -785,7 +823,7 @@ inline bool loop_impl::run_once() {
     for (; i < running.size(); ++i) {
       const ready_item it = running[i];
       if (!it.run)
-        std::coroutine_handle<>::from_address(it.arg).resume();
+        resume(std::coroutine_handle<>::from_address(it.arg));
       else
         it.run(it.arg);
     }
@@ -804,6 +842,7 @@ inline bool loop_impl::run_once() {
 // we can read directly, which keeps a yield as cheap as a queue push.
 inline void loop_impl::wait(duration timeout) {
   if (timeout == duration::zero() && pfds.size() == 1) return;
+  ++polls;
   for (;;) {
     int n;
 #if defined(__linux__) || defined(__FreeBSD__) || defined(__OpenBSD__) || defined(__NetBSD__)
@@ -856,13 +895,13 @@ inline void loop_impl::run_report(void* self) {
 
 inline void callback_node::fd_ready(loop_impl& l, short ev) noexcept {
   revents = ev;
+  ref();  // the ready item's
+  l.ready.push_back({&run_watch, this});
   if (ev & POLLNVAL) {  // a closed fd: report it once, then drop it, or poll would spin
     l.remove_fd(this);
     active = false;
-    unref();  // the registration's reference; the ready item below holds its own
+    unref();  // the registration's
   }
-  ref();
-  l.ready.push_back({&run_watch, this});
 }
 inline void callback_node::run_watch(void* self) {
   auto* n = static_cast<callback_node*>(self);
@@ -969,7 +1008,7 @@ inline void loop_impl::run_start(void* p) {
     return;
   }
   j->started = true;
-  j->root.resume();
+  j->loop->resume(j->root);
 }
 
 // A job's error is seen by result() or an awaiter: it need not be reported any more.
@@ -1013,18 +1052,21 @@ inline bool is_cancellation(const std::exception_ptr& e) noexcept {
 
 struct final_awaiter {
   bool await_ready() noexcept { return false; }
-  // A child transfers straight to its parent (symmetric transfer: no stack growth however
-  // long the chain). The top frame hands its result to the job state and destroys itself.
+  // A child hands control to its parent through the loop's resume() (no stack growth
+  // however long the chain). The top frame hands its result to the job state and
+  // destroys itself.
   template <class P>
-  std::coroutine_handle<> await_suspend(std::coroutine_handle<P> h) noexcept {
+  void await_suspend(std::coroutine_handle<P> h) noexcept {
     P& p = h.promise();
-    if (p.continuation) return p.continuation;
     job_ctx* j = p.ctx;
+    if (p.continuation) {
+      j->loop->next = p.continuation;
+      return;
+    }
     p.store_result();
     j->root = {};
     h.destroy();
     j->loop->job_finished(j);
-    return std::noop_coroutine();
   }
   void await_resume() noexcept {}
 };
@@ -1117,13 +1159,13 @@ struct job_awaiter {
     if (!child) throw std::invalid_argument("coro_jobs: co_await of an empty job (moved-from or already awaited)");
     return ctx->cancelled;
   }
-  std::coroutine_handle<> await_suspend(std::coroutine_handle<> parent) noexcept {
+  void await_suspend(std::coroutine_handle<> parent) noexcept {
     auto& p = child.promise();
     p.ctx = ctx;
     p.continuation = parent;
     link = {&child, &destroy_child, ctx->innermost};
     ctx->innermost = &link;
-    return child;
+    ctx->loop->next = child;  // loop_impl::resume() runs it as soon as we return
   }
   T await_resume() {
     if (!link.slot) throw job_cancelled{};
@@ -1371,10 +1413,18 @@ struct return_token {
   return_token& operator=(const return_token&) = delete;
 };
 
+template <class R>
+constexpr bool is_canceller() {
+  if constexpr (std::is_void_v<R>)
+    return true;
+  else
+    return std::is_invocable_v<R&>;
+}
+
 template <class T, class Start>
 class callback_op final : public op_base {
   using start_result = std::invoke_result_t<Start&, task_return<T>>;
-  static_assert(std::is_void_v<start_result> || std::is_invocable_v<start_result&>,
+  static_assert(is_canceller<start_result>(),
                 "callback_task: start must return void or a canceller callable with no arguments");
   using canceller = std::conditional_t<std::is_void_v<start_result>, char, start_result>;
 
@@ -1604,6 +1654,14 @@ inline callback_handle event_loop::watch(int fd, short events, std::function<voi
   n->ref();  // the registration's
   return h;
 }
+inline loop_stats event_loop::stats() const {
+  const auto& l = *impl_;
+  l.check_thread("coro_jobs: event_loop::stats called from a thread that does not own the loop");
+  std::size_t jobs = 0;
+  for (const detail::job_ctx* j = l.jobs; j; j = j->next) jobs += !j->done;
+  return {jobs, l.live_timers(), l.pfds.size() - 1, l.outstanding, l.ready.size(), l.iterations,
+          l.polls};
+}
 inline void event_loop::set_error_handler(error_handler handler) {
   impl_->check_thread("coro_jobs: set_error_handler called from a thread that does not own the loop");
   impl_->on_error = std::move(handler);
@@ -1714,10 +1772,10 @@ auto threaded_task(F&& f, Args&&... args) {
   // Decay-copied like std::thread's arguments: the worker must not refer to the job's frame.
   auto call = [f = std::forward<F>(f), ... a = std::forward<Args>(args)](std::stop_token st) mutable
       -> decltype(auto) {
-    if constexpr (std::is_invocable_v<std::decay_t<F>&, std::stop_token, std::decay_t<Args>&...>)
-      return std::invoke(f, std::move(st), a...);
+    if constexpr (std::is_invocable_v<std::decay_t<F>&, std::stop_token, std::decay_t<Args>...>)
+      return std::invoke(f, std::move(st), std::move(a)...);
     else
-      return std::invoke(f, a...);
+      return std::invoke(f, std::move(a)...);
   };
   using R = std::decay_t<std::invoke_result_t<decltype(call)&, std::stop_token>>;
   return detail::thread_op<R, decltype(call)>(std::move(call));

@@ -1,0 +1,1170 @@
+// test.cpp - the specification of coro_jobs, one TEST_CASE per behaviour.
+// Every wait is bounded: run_until() fails a check instead of hanging.
+#define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
+#include <doctest/doctest.h>
+
+#include "coro_jobs.hpp"
+
+#include <pthread.h>
+#include <sys/resource.h>
+
+#include <atomic>
+#include <cstring>
+#include <fstream>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+using namespace coro_jobs;
+using namespace std::chrono_literals;
+using std::chrono::steady_clock;
+
+namespace {
+
+// Drives the loop until pred() holds. A guard timer wakes a blocked iteration at the
+// deadline, so a hang becomes a failed check.
+template <class Pred>
+bool run_until(event_loop& loop, Pred pred, std::chrono::milliseconds limit = 10s) {
+  bool expired = false;
+  auto guard = loop.call_later(limit, [&] { expired = true; });
+  while (!pred() && !expired) loop.run_once();
+  guard.cancel();
+  return pred();
+}
+
+// Runs the loop until nothing is pending, failing if that takes longer than limit. (A
+// guard timer would keep the loop pending, so the deadline is checked per iteration.)
+void drain(event_loop& loop, std::chrono::milliseconds limit = 10s) {
+  const auto stop = steady_clock::now() + limit;
+  bool idle = false;
+  while (steady_clock::now() < stop)
+    if (!loop.run_once()) {
+      idle = true;
+      break;
+    }
+  CHECK(idle);
+}
+
+// Counts live instances: every frame that holds one must be destroyed by the end.
+struct live {
+  static inline int count = 0;
+  live() { ++count; }
+  live(const live&) { ++count; }
+  ~live() { --count; }
+};
+
+// Collects what reaches the loop's error handler.
+struct error_log {
+  std::vector<std::string> names, whats;
+  explicit error_log(event_loop& loop) {
+    loop.set_error_handler([this](std::string_view name, std::exception_ptr e) {
+      names.emplace_back(name);
+      try {
+        std::rethrow_exception(e);
+      } catch (const std::exception& x) {
+        whats.emplace_back(x.what());
+      }
+    });
+  }
+};
+
+struct pipe_fds {
+  int r = -1, w = -1;
+  pipe_fds() {
+    int fds[2];
+    REQUIRE(::pipe(fds) == 0);
+    r = fds[0];
+    w = fds[1];
+  }
+  ~pipe_fds() {
+    if (r >= 0) ::close(r);
+    if (w >= 0) ::close(w);
+  }
+};
+
+job<int> value_of(int v) { co_return v; }
+job<int> fails_with(std::string what) {
+  co_await sleep_task(0s);
+  throw std::runtime_error(what);
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------- jobs
+
+TEST_CASE("a started job does not run until the loop's next iteration") {
+  event_loop loop;
+  bool ran = false;
+  auto h = start_job(loop, [&]() -> job<> {
+    ran = true;
+    co_return;
+  });
+  CHECK_FALSE(ran);
+  CHECK_FALSE(h.done());
+  loop.run_once();
+  CHECK(ran);
+  CHECK(h.done());
+}
+
+TEST_CASE("a job's value is available from its handle once it ends") {
+  event_loop loop;
+  auto h = start_job(loop, value_of(42));
+  drain(loop);
+  REQUIRE(h.done());
+  CHECK(h.result() == 42);
+  CHECK(h.result() == 42);  // a copyable value can be read again
+}
+
+TEST_CASE("result() of a job that has not ended throws std::logic_error") {
+  event_loop loop;
+  auto h = start_job(loop, value_of(1));
+  CHECK_THROWS_AS(h.result(), std::logic_error);
+  drain(loop);
+}
+
+TEST_CASE("co_await of a child job yields its value") {
+  event_loop loop;
+  auto h = start_job(loop, []() -> job<int> {
+    int a = co_await value_of(2);
+    int b = co_await value_of(3);
+    co_return a * b;
+  });
+  drain(loop);
+  CHECK(h.result() == 6);
+}
+
+TEST_CASE("co_await of a child job rethrows its exception with its type") {
+  event_loop loop;
+  std::string caught;
+  start_job(loop, [&]() -> job<> {
+    try {
+      co_await fails_with("boom");
+    } catch (const std::runtime_error& e) {
+      caught = e.what();
+    }
+  });
+  drain(loop);
+  CHECK(caught == "boom");
+}
+
+TEST_CASE("a move-only result can be taken from the handle once") {
+  event_loop loop;
+  auto h = start_job(loop, []() -> job<std::unique_ptr<int>> { co_return std::make_unique<int>(7); });
+  drain(loop);
+  auto p = h.result();
+  REQUIRE(p);
+  CHECK(*p == 7);
+  CHECK_THROWS_AS(h.result(), std::logic_error);
+}
+
+TEST_CASE("start_job with a capturing lambda keeps its captures alive until the job ends") {
+  event_loop loop;
+  std::string seen;
+  {
+    std::string text = "captured";
+    start_job(loop, [text, &seen]() -> job<> {
+      co_await sleep_task(1ms);  // the lambda temporary is long gone by now
+      seen = text;
+    });
+  }
+  drain(loop);
+  CHECK(seen == "captured");
+}
+
+TEST_CASE("start_job without a loop uses the running loop, else the newest on this thread") {
+  SUBCASE("no loop on this thread: std::logic_error") {
+    CHECK_THROWS_AS(start_job(value_of(1)), std::logic_error);
+  }
+  SUBCASE("outside run(): the most recently created loop") {
+    event_loop a;
+    event_loop b;
+    auto h = start_job(value_of(1));
+    CHECK_FALSE(a.run_once());
+    CHECK(b.run_once() == false);
+    CHECK(h.done());
+  }
+  SUBCASE("inside run(): the running loop") {
+    event_loop a;
+    event_loop b;
+    job_handle<int> inner;
+    start_job(a, [&]() -> job<> {
+      inner = start_job(value_of(5));
+      co_return;
+    });
+    drain(a);
+    REQUIRE(inner.done());  // ran on a, which drained it
+    CHECK(inner.result() == 5);
+    CHECK_FALSE(b.run_once());
+  }
+}
+
+TEST_CASE("start_job of an empty or moved-from job throws std::invalid_argument") {
+  event_loop loop;
+  job<int> j = value_of(1);
+  job<int> moved = std::move(j);
+  CHECK_THROWS_AS(start_job(loop, std::move(j)), std::invalid_argument);
+  CHECK_THROWS_AS(start_job(loop, job<>{}), std::invalid_argument);
+  start_job(loop, std::move(moved));
+  drain(loop);
+}
+
+TEST_CASE("an empty job_handle throws std::invalid_argument, also when awaited") {
+  event_loop loop;
+  job_handle<int> empty;
+  CHECK_THROWS_AS(empty.done(), std::invalid_argument);
+  CHECK_THROWS_AS(empty.cancel(), std::invalid_argument);
+  CHECK_THROWS_AS(empty.result(), std::invalid_argument);
+  bool threw = false;
+  start_job(loop, [&]() -> job<> {
+    try {
+      co_await empty;
+    } catch (const std::invalid_argument&) {
+      threw = true;
+    }
+  });
+  drain(loop);
+  CHECK(threw);
+}
+
+TEST_CASE("co_await of a job_handle yields the job's result, to several awaiters") {
+  event_loop loop;
+  auto target = start_job(loop, []() -> job<int> {
+    co_await sleep_task(5ms);
+    co_return 9;
+  });
+  std::vector<int> got;
+  for (int i = 0; i < 3; ++i)
+    start_job(loop, [&, target]() -> job<> { got.push_back(co_await target); });
+  drain(loop);
+  CHECK(got == std::vector<int>{9, 9, 9});
+}
+
+TEST_CASE("a job cannot co_await its own handle") {
+  event_loop loop;
+  bool threw = false;
+  job_handle<> self;
+  self = start_job(loop, [&]() -> job<> {
+    try {
+      co_await self;
+    } catch (const std::logic_error&) {
+      threw = true;
+    }
+  });
+  drain(loop);
+  CHECK(threw);
+}
+
+// Runs fn on a thread with a 1 MiB stack (as `ulimit -s 1024`), so that any stack growth
+// per await shows up as a crash here rather than passing on the main thread's 8 MiB.
+template <class F>
+void on_small_stack(F fn) {
+  pthread_attr_t attr;
+  pthread_attr_init(&attr);
+  pthread_attr_setstacksize(&attr, 1 << 20);
+  pthread_t t;
+  REQUIRE(pthread_create(&t, &attr, [](void* p) -> void* { (*static_cast<F*>(p))(); return nullptr; }, &fn) == 0);
+  pthread_join(t, nullptr);
+  pthread_attr_destroy(&attr);
+}
+
+TEST_CASE("10,000,000 awaits of child jobs that complete at once run without stack overflow") {
+  long result = 0;
+  on_small_stack([&] {
+    event_loop loop;
+    auto h = start_job(loop, []() -> job<long> {
+      long sum = 0;
+      for (int i = 0; i < 10'000'000; ++i) sum += co_await value_of(1);
+      co_return sum;
+    });
+    loop.run();
+    result = h.result();
+  });
+  CHECK(result == 10'000'000);
+}
+
+namespace {
+job<int> nested(int depth) {
+  if (depth == 0) {
+    co_await sleep_task(0s);
+    co_return 0;
+  }
+  co_return 1 + co_await nested(depth - 1);
+}
+}  // namespace
+
+TEST_CASE("100,000 nested child jobs run without stack overflow") {
+  int result = 0;
+  on_small_stack([&] {
+    event_loop loop;
+    auto h = start_job(loop, nested(100'000));
+    loop.run();
+    result = h.result();
+  });
+  CHECK(result == 100'000);
+}
+
+// ---------------------------------------------------------------------------------- loop
+
+TEST_CASE("post runs callbacks in FIFO order on the loop thread, from any thread") {
+  event_loop loop;
+  std::vector<int> order;
+  std::set<std::thread::id> threads;
+  for (int i = 0; i < 3; ++i) loop.post([&, i] { order.push_back(i); });
+  std::thread other([&] {
+    for (int i = 3; i < 6; ++i) loop.post([&, i] {
+        order.push_back(i);
+        threads.insert(std::this_thread::get_id());
+      });
+  });
+  other.join();
+  drain(loop);
+  CHECK(order == std::vector<int>{0, 1, 2, 3, 4, 5});
+  CHECK(threads == std::set<std::thread::id>{std::this_thread::get_id()});
+}
+
+TEST_CASE("run() returns when nothing is pending") {
+  event_loop loop;
+  CHECK_FALSE(loop.run_once());
+  int n = 0;
+  loop.post([&] { ++n; });
+  loop.run();
+  CHECK(n == 1);
+  CHECK_FALSE(loop.run_once());
+}
+
+TEST_CASE("quit() from another thread makes run() return") {
+  event_loop loop;
+  bool fired = false;
+  loop.call_later(1h, [&] { fired = true; });  // keeps run() busy
+  std::thread other([&] { loop.quit(); });
+  loop.run();  // returns once quit() was seen; a missed wakeup would hang here
+  other.join();
+  CHECK_FALSE(fired);
+}
+
+TEST_CASE("run_once returns whether anything is still pending") {
+  event_loop loop;
+  CHECK_FALSE(loop.run_once());
+  auto h = start_job(loop, []() -> job<> {
+    co_await sleep_task(0s);
+    co_await sleep_task(0s);
+  });
+  CHECK(loop.run_once());   // started, then yielded
+  CHECK(loop.run_once());   // yielded again
+  CHECK_FALSE(loop.run_once());  // ended
+  CHECK(h.done());
+}
+
+TEST_CASE("call_later runs its callback once after the delay, and cancel() removes it") {
+  event_loop loop;
+  int a = 0, b = 0;
+  const auto t0 = steady_clock::now();
+  steady_clock::time_point ran_at{};
+  auto ha = loop.call_later(20ms, [&] {
+    ++a;
+    ran_at = steady_clock::now();
+  });
+  auto hb = loop.call_later(10ms, [&] { ++b; });
+  CHECK(hb.cancel());
+  CHECK_FALSE(hb.cancel());
+  drain(loop);
+  CHECK(a == 1);
+  CHECK(b == 0);
+  CHECK(ran_at - t0 >= 20ms);
+  CHECK_FALSE(ha.active());
+  CHECK_FALSE(ha.cancel());
+}
+
+TEST_CASE("callbacks set with the same delay fire in the order they were set") {
+  event_loop loop;
+  std::vector<int> order;
+  for (int i = 0; i < 20; ++i) loop.call_later(0ms, [&, i] { order.push_back(i); });
+  for (int i = 20; i < 40; ++i) loop.call_later(5ms, [&, i] { order.push_back(i); });
+  drain(loop);
+  std::vector<int> expected(40);
+  for (int i = 0; i < 40; ++i) expected[i] = i;
+  CHECK(order == expected);
+}
+
+TEST_CASE("one iteration runs only what was ready when it began, so a yielding job cannot starve timers") {
+  event_loop loop;
+  bool stop = false;
+  long yields = 0;
+  auto spinner = start_job(loop, [&]() -> job<> {
+    while (!stop) {
+      co_await sleep_task(0s);
+      ++yields;
+    }
+  });
+  loop.call_later(20ms, [&] { stop = true; });
+  CHECK(run_until(loop, [&] { return spinner.done(); }));
+  CHECK(yields > 0);
+}
+
+TEST_CASE("watch calls back while an fd is readable, until cancelled") {
+  event_loop loop;
+  pipe_fds p;
+  int calls = 0;
+  short seen = 0;
+  callback_handle w = loop.watch(p.r, POLLIN, [&](short revents) {
+    ++calls;
+    seen = revents;
+    if (calls == 3) w.cancel();  // cancelling from inside its own callback is fine
+  });
+  REQUIRE(::write(p.w, "x", 1) == 1);  // stays readable: we never read it
+  CHECK(run_until(loop, [&] { return calls == 3; }));
+  CHECK((seen & POLLIN));
+  CHECK_FALSE(w.active());
+  drain(loop);
+  CHECK(calls == 3);
+}
+
+TEST_CASE("watch of a bad fd throws std::system_error with EBADF") {
+  event_loop loop;
+  int fd = -1;
+  SUBCASE("negative") { fd = -1; }
+  SUBCASE("closed") {
+    pipe_fds p;
+    fd = p.r;
+  }
+  try {
+    loop.watch(fd, POLLIN, [](short) {});
+    FAIL("no exception");
+  } catch (const std::system_error& e) {
+    CHECK(e.code().value() == EBADF);
+  }
+}
+
+TEST_CASE("a watch on an fd that gets closed reports POLLNVAL once and is dropped") {
+  event_loop loop;
+  auto* p = new pipe_fds;
+  int calls = 0;
+  short seen = 0;
+  auto w = loop.watch(p->r, POLLIN, [&](short revents) {
+    ++calls;
+    seen = revents;
+  });
+  delete p;  // closes the fd under the watch
+  CHECK(run_until(loop, [&] { return calls > 0; }));
+  CHECK((seen & POLLNVAL));
+  drain(loop);  // ends: nothing is left to spin on
+  CHECK(calls == 1);
+  CHECK_FALSE(w.active());
+}
+
+TEST_CASE("loop functions called from a foreign thread throw std::logic_error") {
+  event_loop loop;
+  auto h = start_job(loop, value_of(1));
+  std::vector<bool> threw;
+  std::thread other([&] {
+    auto check = [&](auto fn) {
+      try {
+        fn();
+        threw.push_back(false);
+      } catch (const std::logic_error&) {
+        threw.push_back(true);
+      }
+    };
+    check([&] { loop.run_once(); });
+    check([&] { loop.run(); });
+    check([&] { loop.call_later(1ms, [] {}); });
+    check([&] { loop.watch(0, POLLIN, [](short) {}); });
+    check([&] { start_job(loop, value_of(2)); });
+    check([&] { h.cancel(); });
+    check([&] { loop.set_error_handler({}); });
+  });
+  other.join();
+  CHECK(threw == std::vector<bool>(7, true));
+  drain(loop);
+  CHECK(h.result() == 1);
+}
+
+TEST_CASE("run() called inside a job throws std::logic_error") {
+  event_loop loop;
+  int threw = 0;
+  start_job(loop, [&]() -> job<> {
+    try {
+      loop.run();
+    } catch (const std::logic_error&) {
+      ++threw;
+    }
+    try {
+      loop.run_once();
+    } catch (const std::logic_error&) {
+      ++threw;
+    }
+    co_return;
+  });
+  drain(loop);
+  CHECK(threw == 2);
+}
+
+TEST_CASE("the loop makes one blocking wait and uses no measurable CPU while a job sleeps") {
+  event_loop loop;
+  auto ctx_switches = [] {
+    std::ifstream f("/proc/thread-self/status");
+    std::string line;
+    while (std::getline(f, line))
+      if (line.rfind("voluntary_ctxt_switches:", 0) == 0) return std::stol(line.substr(24));
+    return -1L;
+  };
+  auto cpu = [] {
+    rusage ru{};
+    getrusage(RUSAGE_THREAD, &ru);
+    return std::chrono::seconds(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) +
+           std::chrono::microseconds(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec);
+  };
+  auto h = start_job(loop, []() -> job<> { co_await sleep_task(1s); });
+  loop.run_once();  // starts the job, which sets its timer
+  const long sw0 = ctx_switches();
+  const auto cpu0 = cpu();
+  drain(loop);
+  const long waits = ctx_switches() - sw0;
+  const auto used = cpu() - cpu0;
+  MESSAGE("1 s sleep: " << waits << " blocking wait(s), "
+                        << std::chrono::duration_cast<std::chrono::microseconds>(used).count()
+                        << " us CPU");
+  CHECK(h.done());
+  CHECK(waits >= 1);
+  CHECK(waits <= 2);  // one wait; a second only if the kernel woke us a hair early
+  CHECK(used < 20ms);
+}
+
+// --------------------------------------------------------------------------------- sleep
+
+TEST_CASE("sleep_task never resumes before its deadline and yields the elapsed time") {
+  event_loop loop;
+  std::vector<steady_clock::duration> elapsed, measured;
+  for (auto d : {1ms, 5ms, 20ms}) {
+    start_job(loop, [&, d]() -> job<> {
+      const auto t0 = steady_clock::now();
+      elapsed.push_back(co_await sleep_task(d));
+      measured.push_back(steady_clock::now() - t0);
+      CHECK(elapsed.back() >= d);
+      CHECK(measured.back() >= d);
+    });
+  }
+  drain(loop);
+  CHECK(elapsed.size() == 3);
+}
+
+TEST_CASE("sleep_task of zero or a negative duration resumes on the next iteration") {
+  event_loop loop;
+  std::vector<std::string> order;
+  for (std::chrono::nanoseconds d : {0ns, std::chrono::nanoseconds(-5s), std::chrono::nanoseconds::min()}) {
+    start_job(loop, [&, d]() -> job<> {
+      order.push_back("before");
+      auto e = co_await sleep_task(d);
+      CHECK(e >= 0ns);
+      order.push_back("after");
+    });
+  }
+  loop.run_once();
+  CHECK(order == std::vector<std::string>(3, "before"));
+  loop.run_once();
+  CHECK(order.size() == 6);
+}
+
+TEST_CASE("sleep_task of a huge duration saturates instead of wrapping") {
+  event_loop loop;
+  int resumed = 0;
+  auto h1 = start_job(loop, [&]() -> job<> {
+    co_await sleep_task(std::chrono::hours::max());
+    ++resumed;
+  });
+  auto h2 = start_job(loop, [&]() -> job<> {
+    co_await sleep_task(std::chrono::duration<double>(1e300));
+    ++resumed;
+  });
+  loop.call_later(20ms, [] {});
+  CHECK_FALSE(run_until(loop, [&] { return resumed > 0; }, 50ms));  // a wrap would fire at once
+  CHECK(loop.stats().timers == 2);
+  h1.cancel();
+  h2.cancel();
+  drain(loop);
+  CHECK(resumed == 0);
+  CHECK_THROWS_AS(h1.result(), job_cancelled);
+}
+
+// ------------------------------------------------------------------------------ threads
+
+TEST_CASE("threaded_task runs f on a worker thread and resumes the job on the loop thread") {
+  event_loop loop;
+  const auto loop_thread = std::this_thread::get_id();
+  std::thread::id f_thread, resumed_on;
+  auto h = start_job(loop, [&]() -> job<int> {
+    int v = co_await threaded_task([&](int a, int b) {
+      f_thread = std::this_thread::get_id();
+      return a + b;
+    }, 20, 22);
+    resumed_on = std::this_thread::get_id();
+    co_return v;
+  });
+  drain(loop);
+  CHECK(h.result() == 42);
+  CHECK(f_thread != loop_thread);
+  CHECK(resumed_on == loop_thread);
+}
+
+TEST_CASE("threaded_task rethrows the function's exception with its type at the co_await") {
+  event_loop loop;
+  std::string caught;
+  start_job(loop, [&]() -> job<> {
+    try {
+      co_await threaded_task([]() -> int { throw std::out_of_range("worker says no"); });
+    } catch (const std::out_of_range& e) {
+      caught = e.what();
+    }
+  });
+  drain(loop);
+  CHECK(caught == "worker says no");  // the recipe would hang here forever
+}
+
+TEST_CASE("threaded_task passes a stop_token that cancel() requests, and drops the result") {
+  event_loop loop;
+  std::atomic<bool> started{false}, saw_stop{false};
+  live::count = 0;
+  auto h = start_job(loop, [&]() -> job<> {
+    live guard;
+    co_await threaded_task([&](std::stop_token st) {
+      started = true;
+      while (!st.stop_requested()) std::this_thread::yield();
+      saw_stop = true;
+      return 5;
+    });
+    FAIL("resumed after cancel");
+  });
+  CHECK(run_until(loop, [&] { return started.load(); }));
+  CHECK(h.cancel());
+  CHECK(run_until(loop, [&] { return h.done(); }));
+  CHECK_THROWS_AS(h.result(), job_cancelled);
+  CHECK(live::count == 0);  // the job's RAII ran
+  drain(loop);               // and run() waited for the cancelled function to finish
+  CHECK(saw_stop);
+  CHECK(loop.stats().outstanding == 0);
+}
+
+TEST_CASE("threaded_task uses at most the configured number of worker threads") {
+  event_loop loop(2);
+  std::atomic<int> running{0}, peak{0};
+  std::mutex m;
+  std::set<std::thread::id> threads;
+  for (int i = 0; i < 8; ++i) {
+    start_job(loop, [&]() -> job<> {
+      co_await threaded_task([&] {
+        const int now = ++running;
+        int p = peak;
+        while (now > p && !peak.compare_exchange_weak(p, now)) {
+        }
+        {
+          std::lock_guard<std::mutex> lock(m);
+          threads.insert(std::this_thread::get_id());
+        }
+        std::this_thread::sleep_for(2ms);  // work, not synchronisation
+        --running;
+      });
+    });
+  }
+  drain(loop);
+  CHECK(peak <= 2);
+  CHECK(threads.size() <= 2);
+}
+
+TEST_CASE("threaded_task moves move-only arguments and results across threads") {
+  event_loop loop;
+  auto h = start_job(loop, []() -> job<int> {
+    auto p = co_await threaded_task([](std::unique_ptr<int> q) { return q; }, std::make_unique<int>(8));
+    co_return *p;
+  });
+  drain(loop);
+  CHECK(h.result() == 8);
+}
+
+// ------------------------------------------------------------------------------ callbacks
+
+TEST_CASE("callback_task resumes the job with the value given to task_return from another thread") {
+  event_loop loop;
+  std::thread worker;
+  auto h = start_job(loop, [&]() -> job<std::string> {
+    co_return co_await callback_task<std::string>([&](task_return<std::string> done) {
+      worker = std::thread([done] { done("from a thread"); });
+    });
+  });
+  drain(loop);
+  worker.join();
+  CHECK(h.result() == "from a thread");
+}
+
+TEST_CASE("a second task_return call does nothing but report a std::logic_error") {
+  event_loop loop;
+  error_log errors(loop);
+  auto h = start_job(loop, []() -> job<int> {
+    co_return co_await callback_task<int>([](task_return<int> done) {
+      done(1);
+      done(2);
+    });
+  });
+  drain(loop);
+  CHECK(h.result() == 1);
+  REQUIRE(errors.names.size() == 1);
+  CHECK(errors.names[0] == "task_return");
+  CHECK(errors.whats[0].find("more than once") != std::string::npos);
+}
+
+TEST_CASE("a task_return destroyed without being called fails the job instead of hanging") {
+  event_loop loop;
+  auto h = start_job(loop, []() -> job<> { co_await callback_task<>([](task_return<>) {}); });
+  drain(loop);
+  REQUIRE(h.done());
+  CHECK_THROWS_AS(h.result(), std::logic_error);
+}
+
+TEST_CASE("task_return can deliver an exception with fail()") {
+  event_loop loop;
+  auto h = start_job(loop, []() -> job<int> {
+    co_return co_await callback_task<int>([](task_return<int> done) {
+      done.fail(std::make_exception_ptr(std::range_error("failed")));
+    });
+  });
+  drain(loop);
+  CHECK_THROWS_AS(h.result(), std::range_error);
+}
+
+namespace {
+// sleep_task's public behaviour, written by a user with callback_task and call_later.
+auto my_sleep(event_loop& loop, std::chrono::milliseconds d) {
+  return callback_task<steady_clock::duration>(
+      [&loop, d, t0 = steady_clock::now()](task_return<steady_clock::duration> done) {
+        auto timer = loop.call_later(d, [done, t0] { done(steady_clock::now() - t0); });
+        return [timer]() mutable { timer.cancel(); };  // the canceller
+      });
+}
+}  // namespace
+
+TEST_CASE("a sleep written with callback_task behaves like sleep_task, cancellation included") {
+  event_loop loop;
+  steady_clock::duration slept{};
+  auto a = start_job(loop, [&]() -> job<> { slept = co_await my_sleep(loop, 10ms); });
+  auto b = start_job(loop, [&]() -> job<> { co_await my_sleep(loop, 1h); });
+  CHECK(run_until(loop, [&] { return a.done(); }));
+  CHECK(slept >= 10ms);
+  CHECK(loop.stats().timers == 1);
+  CHECK(b.cancel());
+  drain(loop);  // the canceller removed the hour-long timer, or this would not end
+  CHECK(loop.stats().timers == 0);
+  CHECK_THROWS_AS(b.result(), job_cancelled);
+}
+
+TEST_CASE("a callback_task whose start throws rethrows at the co_await") {
+  event_loop loop;
+  auto h = start_job(loop, []() -> job<> {
+    co_await callback_task<>([](task_return<>) { throw std::domain_error("no start"); });
+  });
+  drain(loop);
+  CHECK_THROWS_AS(h.result(), std::domain_error);
+  CHECK(loop.stats().outstanding == 0);
+}
+
+// ------------------------------------------------------------------------------ fds
+
+TEST_CASE("wait_readable resumes when the fd becomes readable") {
+  event_loop loop;
+  pipe_fds p;
+  short revents = 0;
+  auto h = start_job(loop, [&]() -> job<> { revents = co_await wait_readable(p.r); });
+  loop.call_later(5ms, [&] { REQUIRE(::write(p.w, "x", 1) == 1); });
+  drain(loop);
+  CHECK(h.done());
+  CHECK((revents & POLLIN));
+}
+
+TEST_CASE("wait_writable resumes when the fd can be written") {
+  event_loop loop;
+  pipe_fds p;
+  short revents = 0;
+  start_job(loop, [&]() -> job<> { revents = co_await wait_writable(p.w); });
+  drain(loop);
+  CHECK((revents & POLLOUT));
+}
+
+TEST_CASE("wait_readable of a bad fd throws std::system_error with EBADF at the co_await") {
+  event_loop loop;
+  int closed_fd;
+  {
+    pipe_fds p;
+    closed_fd = p.r;
+  }
+  std::vector<int> codes;
+  for (int fd : {-1, closed_fd}) {
+    start_job(loop, [&, fd]() -> job<> {
+      try {
+        co_await wait_readable(fd);
+      } catch (const std::system_error& e) {
+        codes.push_back(e.code().value());
+      }
+    });
+  }
+  drain(loop);
+  CHECK(codes == std::vector<int>{EBADF, EBADF});
+}
+
+TEST_CASE("an fd closed while waited on fails the wait with EBADF and does not make the loop spin") {
+  event_loop loop;
+  auto* p = new pipe_fds;
+  int code = 0;
+  start_job(loop, [&]() -> job<> {
+    try {
+      co_await wait_readable(p->r);
+    } catch (const std::system_error& e) {
+      code = e.code().value();
+    }
+  });
+  loop.call_later(5ms, [&] { delete p; });
+  int iterations = 0;
+  while (loop.run_once() && iterations < 1000) ++iterations;
+  CHECK(code == EBADF);
+  CHECK(iterations < 10);
+}
+
+// ------------------------------------------------------------------------------ errors
+
+TEST_CASE("an error of a job without handles reaches the error handler exactly once, with its name") {
+  event_loop loop;
+  error_log errors(loop);
+  start_job(loop, fails_with("lost?"), "downloader");
+  drain(loop);
+  REQUIRE(errors.names.size() == 1);
+  CHECK(errors.names[0] == "downloader");
+  CHECK(errors.whats[0] == "lost?");
+}
+
+TEST_CASE("an error retrieved with result() never reaches the error handler") {
+  event_loop loop;
+  error_log errors(loop);
+  {
+    auto h = start_job(loop, fails_with("mine"));
+    drain(loop);
+    CHECK_THROWS_WITH_AS(h.result(), "mine", std::runtime_error);
+  }
+  drain(loop);
+  CHECK(errors.names.empty());
+}
+
+TEST_CASE("an error nobody retrieved reaches the handler when the last handle is dropped") {
+  event_loop loop;
+  error_log errors(loop);
+  auto h = start_job(loop, fails_with("late"));
+  auto copy = h;
+  drain(loop);
+  CHECK(errors.names.empty());  // still retrievable
+  h = {};
+  drain(loop);
+  CHECK(errors.names.empty());  // a copy is left
+  copy = {};
+  drain(loop);
+  REQUIRE(errors.whats.size() == 1);
+  CHECK(errors.whats[0] == "late");
+}
+
+TEST_CASE("an error reaches the job that awaits its handle, not the error handler") {
+  event_loop loop;
+  error_log errors(loop);
+  std::string caught;
+  {
+    auto failing = start_job(loop, fails_with("awaited"));
+    start_job(loop, [&, failing]() -> job<> {
+      try {
+        co_await failing;
+      } catch (const std::runtime_error& e) {
+        caught = e.what();
+      }
+    });
+  }
+  drain(loop);
+  CHECK(caught == "awaited");
+  CHECK(errors.names.empty());
+}
+
+TEST_CASE("a cancelled job is not reported as an error") {
+  event_loop loop;
+  error_log errors(loop);
+  start_job(loop, []() -> job<> { co_await sleep_task(1h); }).cancel();
+  drain(loop);
+  CHECK(errors.names.empty());
+}
+
+TEST_CASE("exceptions from post, call_later and watch callbacks reach the error handler and the loop goes on") {
+  event_loop loop;
+  error_log errors(loop);
+  pipe_fds p;
+  loop.post([] { throw std::runtime_error("p"); });
+  loop.call_later(1ms, [] { throw std::runtime_error("t"); });
+  callback_handle w;
+  w = loop.watch(p.w, POLLOUT, [&](short) {
+    w.cancel();
+    throw std::runtime_error("w");
+  });
+  bool after = false;
+  loop.call_later(5ms, [&] { after = true; });
+  drain(loop);
+  CHECK(after);
+  CHECK(errors.names == std::vector<std::string>{"post", "watch", "call_later"});
+  CHECK(errors.whats == std::vector<std::string>{"p", "w", "t"});
+}
+
+TEST_CASE("the default error handler prints the job's name and what() to stderr") {
+  event_loop loop;
+  fflush(stderr);
+  const int saved = ::dup(2);
+  char path[] = "/tmp/coro_jobs_stderrXXXXXX";
+  const int fd = ::mkstemp(path);
+  REQUIRE(fd >= 0);
+  ::dup2(fd, 2);
+  start_job(loop, fails_with("visible"), "printer");
+  drain(loop);
+  fflush(stderr);
+  ::dup2(saved, 2);
+  ::close(saved);
+  ::close(fd);
+  std::ifstream f(path);
+  std::string text((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  ::unlink(path);
+  CHECK(text.find("printer") != std::string::npos);
+  CHECK(text.find("visible") != std::string::npos);
+}
+
+TEST_CASE("an exception thrown by the error handler leaves run(), and the loop can go on") {
+  event_loop loop;
+  loop.set_error_handler([](std::string_view, std::exception_ptr e) { std::rethrow_exception(e); });
+  bool later = false;
+  start_job(loop, fails_with("fatal"));
+  loop.call_later(5ms, [&] { later = true; });
+  CHECK_THROWS_WITH_AS(loop.run(), "fatal", std::runtime_error);
+  loop.run();
+  CHECK(later);
+}
+
+// ------------------------------------------------------------------------------ cancel
+
+TEST_CASE("cancel() of a sleeping job removes its timer and throws job_cancelled at its co_await") {
+  event_loop loop;
+  live::count = 0;
+  std::vector<std::string> events;
+  auto h = start_job(loop, [&]() -> job<> {
+    live guard;
+    try {
+      co_await sleep_task(1h);
+    } catch (const job_cancelled&) {
+      events.push_back("cancelled at the co_await");
+      throw;
+    }
+  });
+  loop.run_once();
+  CHECK(loop.stats().timers == 1);
+  CHECK(h.cancel());
+  CHECK(loop.stats().timers == 0);
+  CHECK_FALSE(h.done());  // resumes on a later iteration
+  drain(loop);
+  CHECK(events == std::vector<std::string>{"cancelled at the co_await"});
+  CHECK(live::count == 0);
+  CHECK_THROWS_AS(h.result(), job_cancelled);
+  CHECK_FALSE(h.cancel());  // already ended
+}
+
+TEST_CASE("cancel() of a job waiting on an fd removes the fd wait") {
+  event_loop loop;
+  pipe_fds p;
+  auto h = start_job(loop, [&]() -> job<> { co_await wait_readable(p.r); });
+  loop.run_once();
+  CHECK(loop.stats().fd_waits == 1);
+  h.cancel();
+  CHECK(loop.stats().fd_waits == 0);
+  drain(loop);
+  CHECK_THROWS_AS(h.result(), job_cancelled);
+}
+
+TEST_CASE("cancel() of a job waiting on a callback task calls the canceller and makes task_return a no-op") {
+  event_loop loop;
+  error_log errors(loop);
+  std::optional<task_return<int>> keep;
+  bool cancelled = false;
+  auto h = start_job(loop, [&]() -> job<int> {
+    co_return co_await callback_task<int>([&](task_return<int> done) {
+      keep = done;
+      return [&] { cancelled = true; };
+    });
+  });
+  loop.run_once();
+  CHECK(loop.stats().outstanding == 1);
+  h.cancel();
+  CHECK(cancelled);
+  CHECK(loop.stats().outstanding == 0);
+  drain(loop);
+  (*keep)(5);  // too late: ignored
+  drain(loop);
+  CHECK_THROWS_AS(h.result(), job_cancelled);
+  CHECK(errors.names.empty());
+}
+
+TEST_CASE("every co_await after cancellation throws job_cancelled at once") {
+  event_loop loop;
+  int thrown = 0;
+  pipe_fds p;
+  auto h = start_job(loop, [&]() -> job<> {
+    try {
+      co_await sleep_task(1h);
+    } catch (const job_cancelled&) {
+      ++thrown;
+    }
+    auto count = [&](auto&& awaitable) -> job<> {
+      try {
+        co_await std::forward<decltype(awaitable)>(awaitable);
+      } catch (const job_cancelled&) {
+        ++thrown;
+      }
+    };
+    (void)count;
+    try { co_await sleep_task(0s); } catch (const job_cancelled&) { ++thrown; }
+    try { co_await threaded_task([] {}); } catch (const job_cancelled&) { ++thrown; }
+    try { co_await callback_task<>([](task_return<> r) { r(); }); } catch (const job_cancelled&) { ++thrown; }
+    try { co_await wait_readable(p.r); } catch (const job_cancelled&) { ++thrown; }
+    try { co_await value_of(1); } catch (const job_cancelled&) { ++thrown; }
+  });
+  loop.run_once();
+  h.cancel();
+  drain(loop);
+  CHECK(thrown == 6);
+  CHECK(h.done());
+}
+
+TEST_CASE("cancelling a job cancels the child it is awaiting") {
+  event_loop loop;
+  std::vector<std::string> events;
+  auto child = [&]() -> job<> {
+    try {
+      co_await sleep_task(1h);
+    } catch (const job_cancelled&) {
+      events.push_back("child");
+      throw;
+    }
+  };
+  auto h = start_job(loop, [&]() -> job<> {
+    try {
+      co_await child();
+    } catch (const job_cancelled&) {
+      events.push_back("parent");
+      throw;
+    }
+  });
+  loop.run_once();
+  h.cancel();
+  drain(loop);
+  CHECK(events == std::vector<std::string>{"child", "parent"});
+}
+
+TEST_CASE("cancelling a job that awaits a handle leaves the awaited job running") {
+  event_loop loop;
+  auto target = start_job(loop, []() -> job<int> {
+    co_await sleep_task(10ms);
+    co_return 3;
+  });
+  auto waiter = start_job(loop, [target]() -> job<int> { co_return co_await target; });
+  loop.run_once();
+  waiter.cancel();
+  drain(loop);
+  CHECK_THROWS_AS(waiter.result(), job_cancelled);
+  CHECK(target.result() == 3);
+}
+
+TEST_CASE("cancelling a job before its body started ends it without running the body") {
+  event_loop loop;
+  bool ran = false;
+  live::count = 0;
+  auto h = start_job(loop, [&](live) -> job<> {
+    ran = true;
+    co_return;
+  }(live{}));
+  CHECK(live::count == 1);  // the parameter lives in the frame
+  CHECK(h.cancel());
+  drain(loop);
+  CHECK_FALSE(ran);
+  CHECK(live::count == 0);
+  CHECK_THROWS_AS(h.result(), job_cancelled);
+}
+
+TEST_CASE("a job may cancel itself; its next co_await throws job_cancelled") {
+  event_loop loop;
+  job_handle<> self;
+  bool after = false;
+  self = start_job(loop, [&]() -> job<> {
+    self.cancel();
+    co_await sleep_task(0s);
+    after = true;
+  });
+  drain(loop);
+  CHECK_FALSE(after);
+  CHECK_THROWS_AS(self.result(), job_cancelled);
+}
+
+// ------------------------------------------------------------------------------ lifetime
+
+TEST_CASE("destroying a loop with pending work destroys every job frame, and late workers are harmless") {
+  live::count = 0;
+  std::atomic<bool> release{false}, started{false};
+  std::atomic<int> finished{0};
+  std::optional<task_return<int>> late;
+  job_handle<> sleeping;
+  {
+    event_loop loop;
+    pipe_fds p;
+    sleeping = start_job(loop, [](live) -> job<> { co_await sleep_task(1h); }(live{}));
+    start_job(loop, [&]() -> job<> {
+      live guard;
+      co_await wait_readable(p.r);
+    });
+    start_job(loop, [&]() -> job<> {
+      live guard;
+      co_await threaded_task([&] {
+        started = true;
+        while (!release) std::this_thread::yield();
+        ++finished;
+      });
+    });
+    start_job(loop, [&]() -> job<int> {
+      live guard;
+      co_return co_await callback_task<int>([&](task_return<int> r) { late = r; });
+    });
+    REQUIRE(run_until(loop, [&] { return started.load() && late.has_value(); }));
+    start_job(loop, [](live) -> job<> { co_return; }(live{}));  // never even started
+    CHECK(live::count == 5);
+  }
+  CHECK(live::count == 0);
+  CHECK(sleeping.done());
+  CHECK_THROWS_AS(sleeping.result(), job_cancelled);
+  release = true;
+  (*late)(1);  // nobody to deliver to
+  auto deadline = std::chrono::steady_clock::now() + 10s;
+  while (finished == 0 && std::chrono::steady_clock::now() < deadline) std::this_thread::yield();
+  CHECK(finished == 1);
+}
+
+TEST_CASE("destroying a loop with 100,000 nested jobs pending does not overflow the stack") {
+  live::count = 0;
+  {
+    event_loop loop;
+    struct deep {
+      static job<> dive(int n) {
+        live guard;
+        if (n == 0)
+          co_await sleep_task(1h);
+        else
+          co_await dive(n - 1);
+      }
+    };
+    start_job(loop, deep::dive(100'000));
+    loop.run_once();
+    CHECK(live::count == 100'001);
+  }
+  CHECK(live::count == 0);
+}

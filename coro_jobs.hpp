@@ -63,6 +63,7 @@
 #define CORO_JOBS_HPP
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cerrno>
 #include <chrono>
@@ -87,6 +88,7 @@
 #include <type_traits>
 #include <unordered_set>
 #include <utility>
+#include <variant>
 #include <vector>
 
 #include <fcntl.h>
@@ -112,6 +114,8 @@ template <class R, class Fn> class thread_op;
 class sleep_op;
 class fd_op;
 template <class T> struct is_job : std::false_type {};
+template <class T> struct await_value;
+template <class T> struct progress_state;
 }  // namespace detail
 
 /// Thrown at the co_await of a cancelled job, and by result() of a job that ended cancelled.
@@ -132,6 +136,34 @@ struct loop_stats {
   std::size_t ready;        // work queued for the next iteration
   std::uint64_t iterations; // run_once calls that did work, since the loop was made
   std::uint64_t polls;      // ppoll/poll calls among them (fast iterations skip the syscall)
+};
+
+/// How to make an event_loop.
+struct loop_options {
+  /// The most threads threaded_task may use (0: like asyncio's default, min(32, hardware
+  /// threads + 4)). Workers are started on demand.
+  std::size_t worker_threads = 0;
+  /// A clock that moves only when advance() says so, for deterministic tests: sleeps and
+  /// timers never make the loop block, they wait for advance().
+  bool manual_clock = false;
+};
+
+/// One live job, for a debug dump (event_loop::jobs()).
+struct job_info {
+  std::string name;
+  const char* state;       // "not started", "ready", "running" or "waiting"
+  const char* waiting_on;  // "sleep_task", "threaded_task", "callback_task", "wait_readable",
+                           // "wait_writable", "job_handle", "when_all", "when_any"; or ""
+  std::chrono::steady_clock::duration waited;  // how long the current wait has lasted
+};
+
+/// Receives a watchdog report: who held the loop ("post", "call_later", "watch", or the
+/// job's name) and for how long.
+using watchdog_handler = std::function<void(std::string_view who, std::chrono::steady_clock::duration held)>;
+
+/// What the error handler gets when no watchdog_handler is set.
+struct slow_step : std::runtime_error {
+  using std::runtime_error::runtime_error;
 };
 
 /// A registered timer or fd watch. Copyable; cancel() from the loop thread.
@@ -160,6 +192,7 @@ class event_loop {
   /// worker_threads: the most threads threaded_task may use (0: like asyncio's default,
   /// min(32, hardware threads + 4)). Workers are started on demand.
   explicit event_loop(std::size_t worker_threads);
+  explicit event_loop(const loop_options& options);
   ~event_loop();
   event_loop(const event_loop&) = delete;
   event_loop& operator=(const event_loop&) = delete;
@@ -183,11 +216,27 @@ class event_loop {
   void set_error_handler(error_handler handler);
   /// Counts of what the loop holds.
   loop_stats stats() const;
+  /// The live jobs, newest first, with what each waits on.
+  std::vector<job_info> jobs() const;
+  /// The loop's clock: steady_clock, or the manual clock.
+  std::chrono::steady_clock::time_point now() const;
+  /// Manual clock only: moves time forward by d, running every timer that falls due (in
+  /// deadline order, the clock set to each deadline in turn) and the work that follows,
+  /// until nothing is ready. std::logic_error without a manual clock or inside the loop.
+  template <class Rep, class Period>
+  void advance(std::chrono::duration<Rep, Period> d);
+  /// Watchdog: each job step, posted callback, timer or watch callback that holds the loop
+  /// longer than threshold is reported once, to handler or else to the error handler (as a
+  /// slow_step). Zero or negative turns it off. Costs two clock reads per item when on.
+  template <class Rep, class Period>
+  void set_watchdog(std::chrono::duration<Rep, Period> threshold, watchdog_handler handler = {});
 
  private:
   friend struct detail::access;
   callback_handle call_later_impl(std::chrono::steady_clock::duration delay,
                                   std::function<void()> fn);
+  void advance_impl(std::chrono::steady_clock::duration d);
+  void set_watchdog_impl(std::chrono::steady_clock::duration threshold, watchdog_handler handler);
   std::unique_ptr<detail::loop_impl> impl_;
 };
 
@@ -310,6 +359,108 @@ detail::callback_op<T, std::decay_t<Start>> callback_task(Start&& start);
 detail::fd_op wait_readable(int fd);
 detail::fd_op wait_writable(int fd);
 
+// --- Composition -------------------------------------------------------------------------
+// when_all, when_any and with_timeout take any mix of tasks, jobs (by value) and job
+// handles. Each runs as a job of its own on the loop (a "branch", named after its parent),
+// so that each can be cancelled alone. A void result is std::monostate.
+
+/// The value an awaitable yields: T for job<T> and job_handle<T>, the task's value for
+/// tasks; std::monostate for void.
+template <class A>
+using await_value_t = typename detail::await_value<std::remove_cvref_t<A>>::type;
+
+/// co_await when_all(a, b, ...): a std::tuple of every result. The first error (or a branch
+/// cancelled from outside) cancels the others, waits for them to unwind, and is rethrown;
+/// later errors of other branches go to the error handler, never lost.
+template <class... A>
+job<std::tuple<await_value_t<A>...>> when_all(A... awaitables);
+
+/// co_await when_any(a, b, ...): a std::variant whose index() is the first to end and whose
+/// alternative is its value; if the first to end threw, that is rethrown. The others are
+/// cancelled and have finished unwinding when when_any returns.
+template <class... A>
+job<std::variant<await_value_t<A>...>> when_any(A... awaitables);
+
+/// Thrown by with_timeout when the time ran out first.
+struct timeout_error : std::exception {
+  const char* what() const noexcept override { return "coro_jobs: timed out"; }
+};
+
+/// co_await with_timeout(d, a): a's value, or cancels a and throws timeout_error after d. A
+/// cancel of the awaiting job stays job_cancelled.
+template <class Rep, class Period, class A>
+job<await_value_t<A>> with_timeout(std::chrono::duration<Rep, Period> d, A awaitable);
+
+/// Progress from any thread, seen on the loop thread. Make one in the job (it is bound to
+/// the loop and the callback), hand reporter() to the thread function, and the callback runs
+/// on the loop thread with the latest value. Reports are coalesced: however fast the worker,
+/// at most one delivery is queued at a time, and it carries the newest value. Destroying the
+/// progress object (e.g. when the job ends) makes later reports no-ops.
+template <class T>
+class progress {
+ public:
+  /// A copyable, thread-safe handle for reporting; harmless after the progress is gone.
+  class reporter {
+   public:
+    void operator()(T value) const { st_->report(std::move(value)); }
+
+   private:
+    friend class progress;
+    explicit reporter(std::shared_ptr<detail::progress_state<T>> s) : st_(std::move(s)) {}
+    std::shared_ptr<detail::progress_state<T>> st_;
+  };
+  progress(event_loop& loop, std::function<void(T)> on_progress);
+  /// Uses the loop running on this thread (as start_job(job) does).
+  explicit progress(std::function<void(T)> on_progress);
+  ~progress();
+  progress(const progress&) = delete;
+  progress& operator=(const progress&) = delete;
+  reporter get_reporter() const { return reporter(st_); }
+
+ private:
+  std::shared_ptr<detail::progress_state<T>> st_;
+};
+
+// --- Job scopes --------------------------------------------------------------------------
+
+/// What a job_scope does when a job is started under a name that a live job of the scope
+/// already has (a repeated click): start another, ignore the new one (returning the running
+/// job's handle), or cancel the previous one (finishing its unwinding) and start the new one.
+enum class restart { run_another, ignore_while_running, cancel_previous };
+
+/// Owns the jobs started through it: cancel_all() or the destructor cancels them and finishes
+/// their unwinding (their catch blocks and destructors run) before it returns, so a window
+/// that owns a scope knows no job touches it after it closes. Loop thread only; destroy it
+/// before its loop.
+class job_scope {
+ public:
+  explicit job_scope(event_loop& loop, restart policy = restart::run_another);
+  ~job_scope();
+  job_scope(const job_scope&) = delete;
+  job_scope& operator=(const job_scope&) = delete;
+
+  template <class T>
+  job_handle<T> start(job<T> j, std::string name = {});
+  template <class T>
+  job_handle<T> start(job<T> j, std::string name, restart policy);
+  /// The lambda form, like start_job(loop, make).
+  template <class F>
+    requires std::invocable<F&> && detail::is_job<std::invoke_result_t<F&>>::value
+  auto start(F&& make, std::string name = {}, std::optional<restart> policy = {});
+  /// Cancels every live job of the scope and finishes their unwinding now; returns how many
+  /// were live. A job calling this on its own scope is cancelled but ends at its next await.
+  std::size_t cancel_all();
+  /// The scope's jobs that have not ended.
+  std::size_t size();
+
+ private:
+  template <class T> job_handle<T> adopt(job_handle<T> h);
+  template <class T> std::optional<job_handle<T>> apply_policy(const std::string& name, restart policy);
+  detail::loop_impl* loop_;
+  restart policy_;
+  std::vector<detail::job_ctx*> jobs_;  // each holds a reference
+};
+
 // ======================================================================================
 //                                   IMPLEMENTATION
 // ======================================================================================
@@ -357,6 +508,9 @@ struct op_base {
   job_ctx* ctx_ = nullptr;
   std::coroutine_handle<> waiter_;
   virtual void cancel_op() noexcept = 0;
+  virtual const char* what() const noexcept = 0;  // for event_loop::jobs()
+  virtual void unwind_branches() noexcept {}      // when_all/when_any: for job scopes
+  void park() noexcept;  // the job now waits on this op (ctx_->pending), since now
 
  protected:
   ~op_base() = default;
@@ -530,6 +684,8 @@ struct job_ctx {
   op_base* pending = nullptr;       // the cancellable wait the job is suspended on, if any
   child_link* innermost = nullptr;  // the chain of children being awaited
   std::coroutine_handle<> root;     // the top frame, until it ends
+  std::coroutine_handle<> resume_at;  // the frame to resume when its ready item runs
+  time_point since{};               // when the current wait began (for event_loop::jobs())
   job_ctx *prev = nullptr, *next = nullptr;  // the loop's list of live jobs
   handle_waiter* waiters = nullptr;  // jobs awaiting a handle of this one
   std::exception_ptr error;
@@ -634,6 +790,22 @@ struct loop_impl {
 
   time_point now = clock_type::now();  // read once per iteration
   bool in_iteration = false, closing = false;
+  bool manual = false;                 // loop_options::manual_clock
+  time_point manual_now = now;         // the manual clock's reading
+
+  std::vector<std::shared_ptr<void>> progress_refs;  // progress states with a queued delivery
+  std::shared_ptr<void> take_progress_ref(const void* s) {
+    for (auto& r : progress_refs)
+      if (r.get() == s) {
+        auto out = std::move(r);
+        r = std::move(progress_refs.back());
+        progress_refs.pop_back();
+        return out;
+      }
+    return {};
+  }
+  duration watchdog{};                 // > 0: report items that hold the loop longer
+  watchdog_handler on_slow;
 
   loop_impl(event_loop* s, std::size_t workers) : self(s) {
     if (workers == 0) {
@@ -646,11 +818,35 @@ struct loop_impl {
   }
   ~loop_impl();
 
+  time_point clock() const noexcept { return manual ? manual_now : clock_type::now(); }
+
   void check_thread(const char* what) const {
     if (std::this_thread::get_id() != owner) fail_logic(what);
   }
 
-  void enqueue(std::coroutine_handle<> h) { ready.push_back({nullptr, h.address()}); }
+  // Queues job j to resume at frame h. The item names the job, not the frame, so that the
+  // watchdog and job scopes can tell whose it is.
+  void enqueue(job_ctx* j, std::coroutine_handle<> h) {
+    j->resume_at = h;
+    ready.push_back({nullptr, j});
+  }
+  job_ctx* current = nullptr;  // the job being resumed, if any
+  void resume_job(job_ctx* j) {
+    job_ctx* const outer = std::exchange(current, j);  // a job scope may resume one inside another
+    resume(std::exchange(j->resume_at, {}));
+    current = outer;
+  }
+  static void skip(void*) noexcept {}
+  // Replaces every queued item {run, arg} with a no-op: job scopes run it themselves.
+  void unqueue(void (*run)(void*), void* arg) noexcept {
+    for (auto* q : {&ready, &running})
+      for (ready_item& it : *q)
+        if (it.run == run && it.arg == arg) it = {&skip, nullptr};
+  }
+  void finish_now(job_ctx* j);
+  void run_items();
+  void run_items_watched();
+  const char* who(const ready_item& it, std::string& name) const;
 
   // The one place job frames are resumed. A frame that awaits a child, or a child that
   // finishes, does not resume the other itself: it leaves it in `next` and returns here.
@@ -789,12 +985,14 @@ inline bool loop_impl::run_once() {
       drop_timer(timers.back());
       timers.pop_back();
     }
-    wait(timers.empty() ? duration(-1) : std::max(timers.front().deadline - clock_type::now(),
-                                                  duration::zero()));
+    // A manual clock never blocks on a timer: time moves only through advance().
+    wait(timers.empty() ? duration(-1)
+         : manual       ? duration::zero()
+                        : std::max(timers.front().deadline - clock_type::now(), duration::zero()));
   } else {
     wait(duration(-1));
   }
-  now = clock_type::now();
+  now = clock();
 
   ++iterations;
   const bool pipe_readable = std::exchange(pfds[0].revents, short(0)) != 0;
@@ -818,23 +1016,85 @@ inline bool loop_impl::run_once() {
   collect_due_timers();
 
   running.swap(ready);
+  if (watchdog > duration::zero())
+    run_items_watched();
+  else
+    run_items();
+  running.clear();
+  return pending();
+}
+
+// Runs this iteration's snapshot. Only the error handler (or the watchdog's) throws out of
+// here; the rest of the snapshot is kept for the next iteration.
+inline void loop_impl::run_items() {
   std::size_t i = 0;
   try {
     for (; i < running.size(); ++i) {
       const ready_item it = running[i];
       if (!it.run)
-        resume(std::coroutine_handle<>::from_address(it.arg));
+        resume_job(static_cast<job_ctx*>(it.arg));
       else
         it.run(it.arg);
     }
   } catch (...) {
-    // Only the error handler throws out of here; keep the rest of the snapshot.
     ready.insert(ready.begin(), running.begin() + std::ptrdiff_t(i) + 1, running.end());
     running.clear();
     throw;
   }
-  running.clear();
-  return pending();
+}
+
+// The same, timing each item against the watchdog's threshold (real time, even with a
+// manual clock: it is the user's wait that matters). A job is held by a reference while it
+// runs, so its name can still be read when it has just ended.
+inline void loop_impl::run_items_watched() {
+  std::size_t i = 0;
+  std::string name;
+  try {
+    for (; i < running.size(); ++i) {
+      const ready_item it = running[i];
+      const bool is_job = !it.run || it.run == &run_start;
+      auto* j = static_cast<job_ctx*>(it.arg);
+      if (is_job) ++j->refs;
+      const auto t0 = clock_type::now();
+      try {
+        if (!it.run)
+          resume_job(j);
+        else
+          it.run(it.arg);
+      } catch (...) {
+        if (is_job) j->release();
+        throw;
+      }
+      const auto held = clock_type::now() - t0;
+      if (held > watchdog) {
+        const char* w = who(it, name);
+        if (on_slow) {
+          on_slow(w, held);
+        } else {
+          const auto us = std::chrono::duration_cast<std::chrono::microseconds>(held).count();
+          report(w, std::make_exception_ptr(slow_step(
+                        "coro_jobs: " + std::string(w) + " held the loop for " +
+                        std::to_string(us / 1000) + "." + std::to_string(us % 1000 / 100) + " ms")));
+        }
+      }
+      if (is_job) j->release();
+    }
+  } catch (...) {
+    ready.insert(ready.begin(), running.begin() + std::ptrdiff_t(i) + 1, running.end());
+    running.clear();
+    throw;
+  }
+}
+
+inline const char* loop_impl::who(const ready_item& it, std::string& name) const {
+  if (!it.run || it.run == &run_start) {
+    name = static_cast<job_ctx*>(it.arg)->name;
+    return name.empty() ? "job" : name.c_str();
+  }
+  if (it.run == &run_posted) return "post";
+  if (it.run == &callback_node::run_timer) return "call_later";
+  if (it.run == &callback_node::run_watch) return "watch";
+  return "error handler";
 }
 
 // Blocks in ppoll (nanosecond timeout) for at most `timeout` (negative: no limit). When
@@ -868,7 +1128,7 @@ inline void loop_impl::wait(duration timeout) {
     // A signal: poll again for what is left, so EINTR can neither end nor postpone a wait.
     if (timeout > duration::zero()) {
       if (timers.empty()) return;
-      timeout = std::max(timers.front().deadline - clock_type::now(), duration::zero());
+      timeout = std::max(timers.front().deadline - clock(), duration::zero());
     }
   }
 }
@@ -947,21 +1207,52 @@ inline callback_handle access::make_handle(callback_node* n) noexcept {
   return h;
 }
 
+inline void op_base::park() noexcept {
+  ctx_->pending = this;
+  ctx_->since = ctx_->loop->now;
+}
+
 inline bool job_ctx::cancel() noexcept {
   if (done) return false;
   cancelled = true;
   if (op_base* p = pending) {
     pending = nullptr;
     p->cancel_op();
-    loop->enqueue(p->waiter_);
+    loop->enqueue(this, p->waiter_);
   }
   return true;
+}
+
+// Cancels job j and finishes its unwinding now, instead of on a later iteration: its ready
+// item is withdrawn and run here. Branches of a when_all/when_any it waits on go first.
+inline void loop_impl::finish_now(job_ctx* j) {
+  if (j->done) return;
+  if (j == current) {  // it is running (it closed its own scope): it ends at its next await
+    j->cancel();
+    return;
+  }
+  ++j->refs;
+  if (!j->started) {
+    j->cancel();
+    unqueue(&run_start, j);
+    run_start(j);
+  } else {
+    op_base* p = j->pending;
+    j->cancel();
+    if (p) p->unwind_branches();
+    if (j->resume_at) {
+      unqueue(nullptr, j);
+      resume_job(j);
+    }
+  }
+  j->release();
 }
 
 // A job awaiting a job_handle: queued on the target job until it ends.
 struct handle_waiter : op_base {
   job_ctx* target = nullptr;
   handle_waiter* next = nullptr;
+  const char* what() const noexcept override { return "job_handle"; }
   void cancel_op() noexcept override {
     for (handle_waiter** p = &target->waiters; *p; p = &(*p)->next) {
       if (*p == this) {
@@ -982,7 +1273,7 @@ inline void loop_impl::job_finished(job_ctx* j) {
   j->maker.reset();
   for (handle_waiter* w = std::exchange(j->waiters, nullptr); w; w = w->next) {
     w->ctx_->pending = nullptr;
-    enqueue(w->waiter_);
+    enqueue(w->ctx_, w->waiter_);
   }
   const bool unseen_error = j->error && !j->error_is_cancel;
   if (unseen_error && j->handles == 0) {
@@ -1008,7 +1299,10 @@ inline void loop_impl::run_start(void* p) {
     return;
   }
   j->started = true;
-  j->loop->resume(j->root);
+  loop_impl* l = j->loop;  // j may be gone when resume() returns
+  job_ctx* const outer = std::exchange(l->current, j);
+  l->resume(j->root);
+  l->current = outer;
 }
 
 // A job's error is seen by result() or an awaiter: it need not be reported any more.
@@ -1030,6 +1324,18 @@ inline void job_ctx::rethrow_if_error() {
 // --- Promise and awaiters -----------------------------------------------------------------
 
 template <class T> struct always_false : std::false_type {};
+
+template <class A>
+concept internal_awaiter = std::remove_cvref_t<A>::coro_jobs_internal;
+
+// co_await this_job{} inside a job yields its job_ctx (for when_all and friends).
+struct this_job {};
+struct this_job_awaiter {
+  job_ctx* ctx;
+  bool await_ready() const noexcept { return true; }
+  void await_suspend(std::coroutine_handle<>) const noexcept {}
+  job_ctx* await_resume() const noexcept { return ctx; }
+};
 template <class T> struct is_handle : std::false_type {};
 template <class T> struct is_handle<job_handle<T>> : std::true_type {};
 
@@ -1091,9 +1397,16 @@ struct promise_base {
     a.ctx_ = ctx;
     return std::forward<A>(a);
   }
+  this_job_awaiter await_transform(this_job) noexcept { return {ctx}; }
+  template <class A>
+    requires internal_awaiter<A>  // when_all's own waits
+  A&& await_transform(A&& a) noexcept {
+    return std::forward<A>(a);
+  }
   template <class A>
     requires(!std::derived_from<std::remove_cvref_t<A>, op_base> &&
-             !is_job<std::remove_cvref_t<A>>::value && !is_handle<std::remove_cvref_t<A>>::value)
+             !is_job<std::remove_cvref_t<A>>::value && !is_handle<std::remove_cvref_t<A>>::value &&
+             !std::is_same_v<std::remove_cvref_t<A>, this_job> && !internal_awaiter<A>)
   A&& await_transform(A&& a) noexcept {
     static_assert(always_false<A>::value,
                   "a coro_jobs::job can co_await jobs, job_handles and coro_jobs tasks only "
@@ -1196,7 +1509,7 @@ struct handle_awaiter final : handle_waiter {
     target = s;
     next = s->waiters;
     s->waiters = this;
-    ctx_->pending = this;
+    park();
   }
   T await_resume() {
     if (ctx_->cancelled) throw job_cancelled{};
@@ -1218,25 +1531,26 @@ class sleep_op final : public op_base {
     waiter_ = h;
     if (d_ <= duration::zero()) {  // a plain yield: the next iteration, no timer, no clock read
       start_ = l.now;
-      l.enqueue(h);
+      l.enqueue(ctx_, h);
       return;
     }
     // The real clock, not the iteration's cached one, so the sleep can never end early.
-    start_ = clock_type::now();
+    start_ = l.clock();
     seq_ = l.add_timer(deadline_after(start_, d_), &fire, this);
-    ctx_->pending = this;
+    park();
   }
   duration await_resume() const {
     if (ctx_->cancelled) throw job_cancelled{};
     return ctx_->loop->now - start_;
   }
   void cancel_op() noexcept override { ctx_->loop->cancel_timer(seq_); }
+  const char* what() const noexcept override { return "sleep_task"; }
 
  private:
   static void fire(void* self, loop_impl& l) {
     auto* op = static_cast<sleep_op*>(self);
     op->ctx_->pending = nullptr;
-    l.enqueue(op->waiter_);
+    l.enqueue(op->ctx_, op->waiter_);
   }
   duration d_;
   time_point start_{};
@@ -1256,7 +1570,7 @@ class fd_op final : public op_base, public fd_owner {
   void await_suspend(std::coroutine_handle<> h) {
     waiter_ = h;
     ctx_->loop->add_fd(this, fd_, events_);
-    ctx_->pending = this;
+    park();
   }
   short await_resume() const {
     if (ctx_->cancelled) throw job_cancelled{};
@@ -1265,11 +1579,14 @@ class fd_op final : public op_base, public fd_owner {
     return revents_;
   }
   void cancel_op() noexcept override { ctx_->loop->remove_fd(this); }
+  const char* what() const noexcept override {
+    return events_ & POLLIN ? "wait_readable" : "wait_writable";
+  }
   void fd_ready(loop_impl& l, short ev) noexcept override {
     revents_ = ev;
     l.remove_fd(this);
     ctx_->pending = nullptr;
-    l.enqueue(waiter_);
+    l.enqueue(ctx_, waiter_);
   }
 
  private:
@@ -1336,11 +1653,11 @@ class thread_op final : public op_base {
         --lp->outstanding;
         if (sh->abandoned) return;
         sh->op->ctx_->pending = nullptr;
-        lp->enqueue(sh->op->waiter_);
+        lp->enqueue(sh->op->ctx_, sh->op->waiter_);
       });
     });
     ++l.outstanding;
-    ctx_->pending = this;
+    park();
   }
   R await_resume() {
     if (ctx_->cancelled) throw job_cancelled{};
@@ -1350,6 +1667,7 @@ class thread_op final : public op_base {
     sh_->abandoned = true;
     sh_->stop.request_stop();
   }
+  const char* what() const noexcept override { return "threaded_task"; }
 
  private:
   Fn fn_;
@@ -1387,7 +1705,7 @@ struct callback_state : std::enable_shared_from_this<callback_state<T>> {
     uncount();
     if (cancelled) return;
     op->ctx_->pending = nullptr;
-    loop->enqueue(op->waiter_);
+    loop->enqueue(op->ctx_, op->waiter_);
   }
   void called_twice() {
     box->push([l = loop] {
@@ -1451,12 +1769,13 @@ class callback_op final : public op_base {
     }
     st_->counted = true;
     ++l.outstanding;
-    ctx_->pending = this;
+    park();
   }
   T await_resume() {
     if (ctx_->cancelled) throw job_cancelled{};
     return st_->result.take();
   }
+  const char* what() const noexcept override { return "callback_task"; }
   void cancel_op() noexcept override {
     st_->cancelled = true;
     st_->uncount();
@@ -1473,6 +1792,186 @@ class callback_op final : public op_base {
   Start start_;
   std::shared_ptr<callback_state<T>> st_;
   std::optional<canceller> cancel_;
+};
+
+// --- Composition: branches and groups --------------------------------------------------
+
+template <class T> struct void_to_monostate { using type = T; };
+template <> struct void_to_monostate<void> { using type = std::monostate; };
+
+template <class T> struct await_value {  // tasks
+  using type = typename void_to_monostate<
+      std::decay_t<decltype(std::declval<T&>().await_resume())>>::type;
+};
+template <class T> struct await_value<job<T>> : void_to_monostate<T> {};
+template <class T> struct await_value<job_handle<T>> : void_to_monostate<T> {};
+
+// The branches of one when_all/when_any: jobs of their own, each reporting its end here.
+// The awaiting job waits on the group twice: first (cancellable, `parked`) until it has its
+// answer, then (not cancellable, so a cancelled job can still wait) until every branch has
+// ended, so nothing a branch uses dies before it. Branches always end: they are cancelled.
+struct group final : op_base {
+  const char* kind;                 // "when_all" or "when_any"
+  bool any;                         // stop at the first end (when_any) or first error
+  std::vector<job_ctx*> branches;   // each holds a reference
+  std::size_t left = 0;             // branches not yet ended
+  std::size_t first = std::size_t(-1);  // when_any: the winner
+  std::exception_ptr error;         // the error to rethrow
+  bool stopping = false, suspended = false;
+
+  group(const char* k, bool a) noexcept : kind(k), any(a) {}
+  group(const group&) = delete;
+  group& operator=(const group&) = delete;
+  ~group() {
+    for (job_ctx* b : branches) b->release();
+  }
+  const char* what() const noexcept override { return kind; }
+
+  // Cancels the branches still running. One that never started never will: it counts as
+  // ended now.
+  void stop() noexcept {
+    stopping = true;
+    for (job_ctx* b : branches) {
+      if (b->done || b->cancelled) continue;
+      const bool unstarted = !b->started;
+      b->cancel();
+      if (unstarted) --left;
+    }
+  }
+  void cancel_op() noexcept override {  // the awaiting job was cancelled
+    suspended = false;
+    stop();
+  }
+  void unwind_branches() noexcept override {
+    for (job_ctx* b : branches) ctx_->loop->finish_now(b);
+  }
+  void wake() {
+    if (!suspended) return;
+    suspended = false;
+    ctx_->pending = nullptr;
+    ctx_->loop->enqueue(ctx_, waiter_);
+  }
+  // A branch's last act (its body's end).
+  void branch_done(std::size_t i, std::exception_ptr e) {
+    --left;
+    const bool cancel = e && is_cancellation(e);
+    if (!stopping && (any || e)) {  // the answer: a winner, or the first failure
+      first = i;
+      error = std::move(e);
+      stop();
+      wake();
+    } else if (e && !cancel) {  // a second failure while stopping: never lost
+      ctx_->loop->report(kind, std::move(e));
+    }
+    if (left == 0) wake();
+  }
+
+  // co_await wait(): until the answer (or all ended); parked, so cancel() reaches it.
+  struct answer_awaiter {
+    static constexpr bool coro_jobs_internal = true;
+    group& g;
+    bool await_ready() const noexcept { return g.left == 0 || g.stopping; }
+    void await_suspend(std::coroutine_handle<> h) noexcept {
+      g.waiter_ = h;
+      g.suspended = true;
+      g.park();
+    }
+    void await_resume() const noexcept {}
+  };
+  // co_await drained(): until every branch has ended. Not parked: it cannot be cancelled.
+  struct drain_awaiter {
+    static constexpr bool coro_jobs_internal = true;
+    group& g;
+    bool await_ready() const noexcept { return g.left == 0; }
+    void await_suspend(std::coroutine_handle<> h) noexcept {
+      g.waiter_ = h;
+      g.suspended = true;
+    }
+    void await_resume() const noexcept {}
+  };
+  answer_awaiter answer() noexcept { return {*this}; }
+  drain_awaiter drained() noexcept { return {*this}; }
+  void rethrow() {
+    if (ctx_->cancelled) throw job_cancelled{};
+    if (error) std::rethrow_exception(error);
+  }
+};
+
+// One branch: awaits `a` in a job of its own and hands the result to its slot and group.
+template <class A, class V>
+job<> branch(A a, group* g, std::size_t i, std::optional<V>* slot) {
+  std::exception_ptr e;
+  try {
+    if constexpr (std::is_same_v<decltype(co_await std::move(a)), void>) {
+      co_await std::move(a);
+      slot->emplace();
+    } else {
+      slot->emplace(co_await std::move(a));
+    }
+  } catch (...) {
+    e = std::current_exception();
+  }
+  g->branch_done(i, std::move(e));
+}
+
+// Starts one branch job per awaitable, named after the awaiting job.
+template <class... A, std::size_t... I>
+void start_branches(group& g, std::tuple<std::optional<await_value_t<A>>...>& slots,
+                    std::index_sequence<I...>, A&... a) {
+  loop_impl& l = *g.ctx_->loop;
+  const std::string base = (g.ctx_->name.empty() ? std::string("job") : g.ctx_->name) + "/" + g.kind;
+  g.left = sizeof...(A);
+  auto one = [&](auto&& j, std::size_t i) {
+    auto h = start_job(*l.self, std::move(j), base + "[" + std::to_string(i) + "]");
+    job_ctx* c = access::state(h);
+    ++c->refs;
+    g.branches.push_back(c);
+  };
+  (one(branch(std::move(a), &g, I, &std::get<I>(slots)), I), ...);
+}
+
+// --- Progress ------------------------------------------------------------------------------
+
+template <class T>
+struct progress_state : std::enable_shared_from_this<progress_state<T>> {
+  std::mutex m;
+  std::optional<T> latest;  // guarded by m
+  bool queued = false;      // guarded by m: a delivery is on its way
+  bool alive = true;        // loop thread only: the progress object exists
+  std::function<void(T)> on_progress;
+  std::shared_ptr<inbox> box;
+  loop_impl* loop;
+
+  void report(T v) {
+    {
+      std::lock_guard<std::mutex> lock(m);
+      latest = std::move(v);
+      if (queued) return;  // the queued delivery will carry the newest value
+      queued = true;
+    }
+    box->push([s = this->shared_from_this()] {
+      s->loop->ready.push_back({&deliver, s.get()});
+      s->loop->progress_refs.push_back(s);  // kept alive until delivered
+    });
+  }
+  static void deliver(void* p) {
+    auto* s = static_cast<progress_state*>(p);
+    std::optional<T> v;
+    {
+      std::lock_guard<std::mutex> lock(s->m);
+      v = std::move(s->latest);
+      s->latest.reset();
+      s->queued = false;
+    }
+    loop_impl* l = s->loop;
+    std::shared_ptr<void> keep = l->take_progress_ref(s);
+    if (!s->alive || !v) return;
+    try {
+      s->on_progress(std::move(*v));
+    } catch (...) {
+      l->report("progress", std::current_exception());
+    }
+  }
 };
 
 // --- Which loop --------------------------------------------------------------------------
@@ -1578,9 +2077,12 @@ inline bool callback_handle::cancel() {
   return true;
 }
 
-inline event_loop::event_loop() : event_loop(0) {}
+inline event_loop::event_loop() : event_loop(loop_options{}) {}
 inline event_loop::event_loop(std::size_t worker_threads)
-    : impl_(std::make_unique<detail::loop_impl>(this, worker_threads)) {
+    : event_loop(loop_options{worker_threads, false}) {}
+inline event_loop::event_loop(const loop_options& o)
+    : impl_(std::make_unique<detail::loop_impl>(this, o.worker_threads)) {
+  impl_->manual = o.manual_clock;
   auto& r = detail::registry();
   std::lock_guard<std::mutex> lock(r.m);
   r.loops.emplace_back(std::this_thread::get_id(), this);
@@ -1636,7 +2138,7 @@ inline callback_handle event_loop::call_later_impl(detail::duration delay, std::
   auto h = detail::access::make_handle(n);  // owns the first reference
   n->is_timer = true;
   n->on_timer = std::move(fn);
-  n->seq = l.add_timer(detail::deadline_after(detail::clock_type::now(), delay),
+  n->seq = l.add_timer(detail::deadline_after(l.clock(), delay),
                        &detail::callback_node::fire_timer, n);
   n->ref();  // the heap's
   return h;
@@ -1661,6 +2163,67 @@ inline loop_stats event_loop::stats() const {
   for (const detail::job_ctx* j = l.jobs; j; j = j->next) jobs += !j->done;
   return {jobs, l.live_timers(), l.pfds.size() - 1, l.outstanding, l.ready.size(), l.iterations,
           l.polls};
+}
+inline std::vector<job_info> event_loop::jobs() const {
+  const auto& l = *impl_;
+  l.check_thread("coro_jobs: event_loop::jobs called from a thread that does not own the loop");
+  const auto t = l.clock();
+  std::vector<job_info> out;
+  for (const detail::job_ctx* j = l.jobs; j; j = j->next) {
+    if (j->done) continue;
+    job_info i{j->name, "waiting", "", {}};
+    if (!j->started)
+      i.state = "not started";
+    else if (j == l.current)
+      i.state = "running";
+    else if (j->resume_at)
+      i.state = "ready";
+    if (j->pending && !j->resume_at) {
+      i.waiting_on = j->pending->what();
+      i.waited = t - j->since;
+    }
+    out.push_back(std::move(i));
+  }
+  return out;
+}
+inline std::chrono::steady_clock::time_point event_loop::now() const { return impl_->clock(); }
+template <class Rep, class Period>
+void event_loop::advance(std::chrono::duration<Rep, Period> d) {
+  advance_impl(detail::saturate(d));
+}
+inline void event_loop::advance_impl(detail::duration d) {
+  auto& l = *impl_;
+  l.check_thread("coro_jobs: event_loop::advance called from a thread that does not own the loop");
+  if (!l.manual) detail::fail_logic("coro_jobs: advance() needs an event_loop made with a manual clock");
+  if (l.in_iteration) detail::fail_logic("coro_jobs: advance() called from inside the loop");
+  if (d < detail::duration::zero()) throw std::invalid_argument("coro_jobs: advance() by a negative duration");
+  const auto target = detail::deadline_after(l.manual_now, d);
+  auto settle = [&] {  // run what is ready now, and what that makes ready
+    while (!l.ready.empty() || l.box->signalled.load(std::memory_order_acquire)) run_once();
+  };
+  settle();
+  for (;;) {
+    while (!l.timers.empty() && l.dead_timers.erase(l.timers.front().seq)) {
+      std::pop_heap(l.timers.begin(), l.timers.end(), std::greater<>{});
+      l.drop_timer(l.timers.back());
+      l.timers.pop_back();
+    }
+    if (l.timers.empty() || l.timers.front().deadline > target) break;
+    l.manual_now = std::max(l.manual_now, l.timers.front().deadline);
+    run_once();
+    settle();
+  }
+  l.manual_now = target;
+  settle();
+}
+template <class Rep, class Period>
+void event_loop::set_watchdog(std::chrono::duration<Rep, Period> threshold, watchdog_handler handler) {
+  set_watchdog_impl(detail::saturate(threshold), std::move(handler));
+}
+inline void event_loop::set_watchdog_impl(detail::duration threshold, watchdog_handler handler) {
+  impl_->check_thread("coro_jobs: set_watchdog called from a thread that does not own the loop");
+  impl_->watchdog = std::max(threshold, detail::duration::zero());
+  impl_->on_slow = std::move(handler);
 }
 inline void event_loop::set_error_handler(error_handler handler) {
   impl_->check_thread("coro_jobs: set_error_handler called from a thread that does not own the loop");
@@ -1799,6 +2362,149 @@ detail::callback_op<T, std::decay_t<Start>> callback_task(Start&& start) {
 
 inline detail::fd_op wait_readable(int fd) { return detail::fd_op(fd, POLLIN); }
 inline detail::fd_op wait_writable(int fd) { return detail::fd_op(fd, POLLOUT); }
+
+// ---- Composition
+
+template <class... A>
+job<std::tuple<await_value_t<A>...>> when_all(A... awaitables) {
+  static_assert(sizeof...(A) > 0, "when_all needs at least one awaitable");
+  detail::group g("when_all", false);
+  g.ctx_ = co_await detail::this_job{};
+  std::tuple<std::optional<await_value_t<A>>...> slots;
+  detail::start_branches(g, slots, std::index_sequence_for<A...>{}, awaitables...);
+  co_await g.answer();
+  while (g.left > 0) co_await g.drained();
+  g.rethrow();
+  co_return std::apply([](auto&... v) { return std::tuple<await_value_t<A>...>(std::move(*v)...); },
+                       slots);
+}
+
+template <class... A>
+job<std::variant<await_value_t<A>...>> when_any(A... awaitables) {
+  static_assert(sizeof...(A) > 0, "when_any needs at least one awaitable");
+  using V = std::variant<await_value_t<A>...>;
+  using Slots = std::tuple<std::optional<await_value_t<A>>...>;
+  detail::group g("when_any", true);
+  g.ctx_ = co_await detail::this_job{};
+  Slots slots;
+  detail::start_branches(g, slots, std::index_sequence_for<A...>{}, awaitables...);
+  co_await g.answer();
+  while (g.left > 0) co_await g.drained();
+  g.rethrow();
+  // The winner's index is known only now: pick the constructor from a table.
+  constexpr auto table = []<std::size_t... I>(std::index_sequence<I...>) {
+    return std::array<V (*)(Slots&), sizeof...(I)>{
+        [](Slots& s) { return V(std::in_place_index<I>, std::move(*std::get<I>(s))); }...};
+  }(std::index_sequence_for<A...>{});
+  co_return table[g.first](slots);
+}
+
+template <class Rep, class Period, class A>
+job<await_value_t<A>> with_timeout(std::chrono::duration<Rep, Period> d, A awaitable) {
+  auto r = co_await when_any(std::move(awaitable), sleep_task(d));
+  if (r.index() == 1) throw timeout_error{};
+  co_return std::get<0>(std::move(r));
+}
+
+// ---- Progress
+
+template <class T>
+progress<T>::progress(event_loop& loop, std::function<void(T)> on_progress)
+    : st_(std::make_shared<detail::progress_state<T>>()) {
+  auto& l = detail::access::impl(loop);
+  l.check_thread("coro_jobs: progress made on a thread that does not own the loop");
+  if (!on_progress) throw std::invalid_argument("coro_jobs: progress needs a callback");
+  st_->on_progress = std::move(on_progress);
+  st_->box = l.box;
+  st_->loop = &l;
+}
+template <class T>
+progress<T>::progress(std::function<void(T)> on_progress)
+    : progress(detail::current_loop(), std::move(on_progress)) {}
+template <class T>
+progress<T>::~progress() {
+  st_->alive = false;
+}
+
+// ---- Job scopes
+
+inline job_scope::job_scope(event_loop& loop, restart policy)
+    : loop_(&detail::access::impl(loop)), policy_(policy) {}
+inline job_scope::~job_scope() {
+  cancel_all();
+  for (detail::job_ctx* j : jobs_) j->release();
+}
+inline std::size_t job_scope::size() {
+  std::size_t n = 0;
+  for (detail::job_ctx* j : jobs_) n += !j->done;
+  return n;
+}
+inline std::size_t job_scope::cancel_all() {
+  // Newest first, as the loop's destructor does. A job started during this (by a catch
+  // block) is not in the copy: it is cancelled by the next cancel_all or the destructor.
+  const std::vector<detail::job_ctx*> snapshot(jobs_.rbegin(), jobs_.rend());
+  std::size_t n = 0;
+  for (detail::job_ctx* j : snapshot) {
+    if (j->done) continue;
+    ++n;
+    j->loop->finish_now(j);
+  }
+  return n;
+}
+template <class T>
+job_handle<T> job_scope::adopt(job_handle<T> h) {
+  // Forget ended jobs, then hold a reference (not a handle: errors of jobs nobody else holds
+  // still reach the error handler when they end).
+  jobs_.erase(std::remove_if(jobs_.begin(), jobs_.end(),
+                             [](detail::job_ctx* j) {
+                               if (!j->done) return false;
+                               j->release();
+                               return true;
+                             }),
+              jobs_.end());
+  detail::job_ctx* c = detail::access::state(h);
+  ++c->refs;
+  jobs_.push_back(c);
+  return h;
+}
+template <class T>
+job_handle<T> job_scope::start(job<T> j, std::string name) {
+  return start(std::move(j), std::move(name), policy_);
+}
+// A repeated start under a live job's name: the running job's handle (ignore), or nothing
+// after cancelling and unwinding the previous one (cancel_previous) or at once (run_another).
+template <class T>
+std::optional<job_handle<T>> job_scope::apply_policy(const std::string& name, restart policy) {
+  loop_->check_thread("coro_jobs: job_scope used from a thread that does not own the loop");
+  if (policy == restart::run_another || name.empty()) return std::nullopt;
+  for (detail::job_ctx* old : jobs_) {
+    if (old->done || old->name != name) continue;
+    if (policy == restart::cancel_previous) {
+      old->loop->finish_now(old);
+      continue;
+    }
+    auto* s = dynamic_cast<detail::job_state<T>*>(old);
+    if (!s) detail::fail_logic("coro_jobs: job_scope: a running job of that name has another result type");
+    job_handle<T> h;
+    detail::access::state(h) = s;
+    ++s->refs, ++s->handles;
+    return h;
+  }
+  return std::nullopt;
+}
+template <class T>
+job_handle<T> job_scope::start(job<T> j, std::string name, restart policy) {
+  if (!j) throw std::invalid_argument("coro_jobs: job_scope::start of an empty job");
+  if (auto running = apply_policy<T>(name, policy)) return *running;  // j is dropped unstarted
+  return adopt(start_job(*loop_->self, std::move(j), std::move(name)));
+}
+template <class F>
+  requires std::invocable<F&> && detail::is_job<std::invoke_result_t<F&>>::value
+auto job_scope::start(F&& make, std::string name, std::optional<restart> policy) {
+  using T = typename std::invoke_result_t<F&>::value_type;
+  if (auto running = apply_policy<T>(name, policy.value_or(policy_))) return *running;
+  return adopt(start_job(*loop_->self, std::forward<F>(make), std::move(name)));
+}
 
 }  // namespace coro_jobs
 

@@ -11,6 +11,7 @@
 #include <atomic>
 #include <cstring>
 #include <fstream>
+#include <map>
 #include <set>
 #include <string>
 #include <thread>
@@ -1167,4 +1168,541 @@ TEST_CASE("destroying a loop with 100,000 nested jobs pending does not overflow 
     CHECK(live::count == 100'001);
   }
   CHECK(live::count == 0);
+}
+
+// ============================================================ composition (manual clock)
+
+namespace {
+loop_options manual() {
+  loop_options o;
+  o.manual_clock = true;
+  return o;
+}
+job<int> after(std::chrono::milliseconds d, int v) {
+  live guard;
+  co_await sleep_task(d);
+  co_return v;
+}
+job<int> fail_after(std::chrono::milliseconds d, std::string what) {
+  live guard;
+  co_await sleep_task(d);
+  throw std::runtime_error(what);
+}
+}  // namespace
+
+TEST_CASE("a manual clock moves only through advance(), so a 3 s sleep ends at exactly 3 s") {
+  event_loop loop(manual());
+  steady_clock::duration slept{};
+  auto h = start_job(loop, [&]() -> job<> { slept = co_await sleep_task(3s); });
+  const auto t0 = loop.now();
+  loop.advance(2999ms);
+  CHECK_FALSE(h.done());
+  CHECK(loop.now() - t0 == 2999ms);
+  loop.advance(1ms);
+  CHECK(h.done());
+  CHECK(slept == 3s);
+}
+
+TEST_CASE("advance() runs timers in deadline order with the clock at each deadline") {
+  event_loop loop(manual());
+  std::vector<std::pair<int, steady_clock::duration>> fired;
+  const auto t0 = loop.now();
+  loop.call_later(30ms, [&] { fired.push_back({3, loop.now() - t0}); });
+  loop.call_later(10ms, [&] {
+    fired.push_back({1, loop.now() - t0});
+    loop.call_later(10ms, [&] { fired.push_back({2, loop.now() - t0}); });  // due within the advance
+  });
+  loop.advance(1s);
+  REQUIRE(fired.size() == 3);
+  CHECK(fired[0] == std::pair<int, steady_clock::duration>{1, 10ms});
+  CHECK(fired[1] == std::pair<int, steady_clock::duration>{2, 20ms});
+  CHECK(fired[2] == std::pair<int, steady_clock::duration>{3, 30ms});
+}
+
+TEST_CASE("advance() needs a manual clock, a non-negative duration and the loop's thread") {
+  event_loop real;
+  CHECK_THROWS_AS(real.advance(1s), std::logic_error);
+  event_loop loop(manual());
+  CHECK_THROWS_AS(loop.advance(-1s), std::invalid_argument);
+  loop.advance(std::chrono::hours::max());  // saturates
+  std::thread other([&] { CHECK_THROWS_AS(loop.advance(1s), std::logic_error); });
+  other.join();
+}
+
+TEST_CASE("when_all yields a tuple of every result, with std::monostate for void") {
+  event_loop loop(manual());
+  live::count = 0;
+  std::optional<std::tuple<int, std::monostate, int, std::string>> got;
+  auto other = start_job(loop, after(5ms, 9));
+  start_job(loop, [&]() -> job<> {
+    got = co_await when_all(after(20ms, 1), []() -> job<> { co_await sleep_task(10ms); }(), other,
+                            callback_task<std::string>([&](task_return<std::string> r) {
+                              loop.call_later(15ms, [r] { r("cb"); });
+                            }));
+  });
+  loop.advance(19ms);
+  CHECK_FALSE(got);
+  loop.advance(1ms);
+  REQUIRE(got);
+  CHECK(std::get<0>(*got) == 1);
+  CHECK(std::get<2>(*got) == 9);
+  CHECK(std::get<3>(*got) == "cb");
+  CHECK(live::count == 0);
+}
+
+TEST_CASE("when_all runs a threaded task beside timers") {
+  event_loop loop;
+  std::optional<std::tuple<int, int>> got;
+  start_job(loop, [&]() -> job<> {
+    got = co_await when_all(threaded_task([] { return 6; }), after(1ms, 7));
+  });
+  CHECK(run_until(loop, [&] { return got.has_value(); }));
+  CHECK(*got == std::tuple{6, 7});
+}
+
+TEST_CASE("the first error in when_all cancels the others, waits for their unwinding, then is rethrown") {
+  event_loop loop(manual());
+  error_log log(loop);
+  live::count = 0;
+  int live_at_catch = -1;
+  std::string what;
+  start_job(loop, [&]() -> job<> {
+    try {
+      co_await when_all(after(1h, 1), fail_after(10ms, "boom"), after(2h, 2));
+    } catch (const std::runtime_error& e) {
+      live_at_catch = live::count;
+      what = e.what();
+    }
+  });
+  loop.advance(10ms);
+  CHECK(what == "boom");
+  CHECK(live_at_catch == 0);
+  CHECK(loop.stats().timers == 0);
+  CHECK(log.whats.empty());
+}
+
+TEST_CASE("a second error in when_all while it unwinds reaches the error handler") {
+  event_loop loop(manual());
+  error_log log(loop);
+  std::string what;
+  auto stubborn = []() -> job<int> {  // fails again while being cancelled
+    try {
+      co_await sleep_task(1h);
+    } catch (const job_cancelled&) {
+      throw std::runtime_error("second");
+    }
+    co_return 0;
+  };
+  start_job(loop, [&]() -> job<> {
+    try {
+      co_await when_all(fail_after(10ms, "first"), stubborn());
+    } catch (const std::runtime_error& e) {
+      what = e.what();
+    }
+  });
+  loop.advance(10ms);
+  CHECK(what == "first");
+  REQUIRE(log.whats.size() == 1);
+  CHECK(log.whats[0] == "second");
+  CHECK(log.names[0] == "when_all");
+}
+
+TEST_CASE("cancelling a job waiting in when_all cancels every branch and unwinds them first") {
+  event_loop loop(manual());
+  live::count = 0;
+  std::atomic<bool> stop_seen{false};
+  int live_at_cancel = -1;
+  auto h = start_job(loop, [&]() -> job<> {
+    try {
+      co_await when_all(after(1h, 1), threaded_task([&](std::stop_token st) {
+                          while (!st.stop_requested()) std::this_thread::yield();
+                          stop_seen = true;
+                        }));
+    } catch (const job_cancelled&) {
+      live_at_cancel = live::count;
+      throw;
+    }
+  });
+  loop.advance(1ms);
+  CHECK(h.cancel());
+  loop.advance(1ms);
+  CHECK(h.done());
+  CHECK_THROWS_AS(h.result(), job_cancelled);
+  CHECK(live_at_cancel == 0);
+  CHECK(run_until(loop, [&] { return stop_seen.load(); }));
+}
+
+TEST_CASE("when_any yields the index and value of the first to finish, after the losers unwound") {
+  event_loop loop(manual());
+  live::count = 0;
+  std::optional<std::variant<int, int, steady_clock::duration>> got;
+  int live_after = -1;
+  start_job(loop, [&]() -> job<> {
+    got = co_await when_any(after(30ms, 1), after(20ms, 2), sleep_task(1h));
+    live_after = live::count;
+  });
+  loop.advance(25ms);
+  REQUIRE(got);
+  CHECK(got->index() == 1);
+  CHECK(std::get<1>(*got) == 2);
+  CHECK(live_after == 0);
+  CHECK(loop.stats().timers == 0);
+}
+
+TEST_CASE("when_any rethrows the error of the first to end") {
+  event_loop loop(manual());
+  std::string what;
+  start_job(loop, [&]() -> job<> {
+    try {
+      co_await when_any(after(30ms, 1), fail_after(10ms, "first"));
+    } catch (const std::runtime_error& e) {
+      what = e.what();
+    }
+  });
+  loop.advance(1s);
+  CHECK(what == "first");
+}
+
+TEST_CASE("cancelling a job waiting in when_any cancels every branch") {
+  event_loop loop(manual());
+  live::count = 0;
+  auto h = start_job(loop, [&]() -> job<int> {
+    auto r = co_await when_any(after(1h, 1), after(2h, 2));
+    co_return int(r.index());
+  });
+  loop.advance(1ms);
+  CHECK(live::count == 2);
+  h.cancel();
+  loop.advance(1ms);
+  CHECK_THROWS_AS(h.result(), job_cancelled);
+  CHECK(live::count == 0);
+  CHECK(loop.stats().jobs == 0);
+}
+
+TEST_CASE("cancelling a job before when_all's branches began ends it without running them") {
+  event_loop loop(manual());
+  live::count = 0;
+  auto h = start_job(loop, []() -> job<> { co_await when_all(after(1h, 1), after(1h, 2)); });
+  loop.run_once();  // the job starts, its branches are queued
+  h.cancel();
+  loop.advance(1ms);
+  CHECK_THROWS_AS(h.result(), job_cancelled);
+  CHECK(live::count == 0);
+  CHECK(loop.stats().jobs == 0);
+}
+
+TEST_CASE("with_timeout yields the value when the work finishes in time") {
+  event_loop loop(manual());
+  auto h = start_job(loop, []() -> job<int> { co_return co_await with_timeout(1s, after(10ms, 5)); });
+  loop.advance(10ms);
+  CHECK(h.result() == 5);
+  CHECK(loop.stats().timers == 0);  // the timeout's timer is gone
+}
+
+TEST_CASE("with_timeout cancels the work and throws timeout_error when time runs out") {
+  event_loop loop(manual());
+  live::count = 0;
+  int live_at_catch = -1;
+  bool timed_out = false;
+  start_job(loop, [&]() -> job<> {
+    try {
+      co_await with_timeout(100ms, after(1h, 5));
+    } catch (const timeout_error&) {
+      timed_out = true;
+      live_at_catch = live::count;
+    }
+  });
+  loop.advance(99ms);
+  CHECK_FALSE(timed_out);
+  loop.advance(1ms);
+  CHECK(timed_out);
+  CHECK(live_at_catch == 0);
+}
+
+TEST_CASE("with_timeout stops a threaded task through its stop token") {
+  event_loop loop;
+  std::atomic<bool> stopped{false};
+  bool timed_out = false;
+  start_job(loop, [&]() -> job<> {
+    try {
+      co_await with_timeout(1ms, threaded_task([&](std::stop_token st) {
+                              while (!st.stop_requested()) std::this_thread::yield();
+                              stopped = true;
+                            }));
+    } catch (const timeout_error&) {
+      timed_out = true;
+    }
+  });
+  CHECK(run_until(loop, [&] { return timed_out && stopped; }));
+}
+
+TEST_CASE("a cancel of the job waiting in with_timeout stays job_cancelled") {
+  event_loop loop(manual());
+  auto h = start_job(loop, []() -> job<> { co_await with_timeout(1s, sleep_task(1h)); });
+  loop.advance(10ms);
+  h.cancel();
+  loop.advance(10ms);
+  CHECK_THROWS_AS(h.result(), job_cancelled);
+}
+
+TEST_CASE("a completion and a timeout due in the same iteration: the work set first wins") {
+  event_loop loop(manual());
+  auto h = start_job(loop, []() -> job<int> { co_return co_await with_timeout(1s, after(1000ms, 5)); });
+  loop.advance(1s);  // both timers are due at once; the work's was set first
+  CHECK(h.result() == 5);
+}
+
+TEST_CASE("a timeout and a completion due in the same iteration: the timeout set first wins") {
+  event_loop loop(manual());
+  auto late = []() -> job<int> {
+    co_await sleep_task(0s);          // sets its timer one iteration after the timeout's
+    co_return co_await after(1000ms, 5);
+  };
+  auto h = start_job(loop, [&]() -> job<int> { co_return co_await with_timeout(1s, late()); });
+  loop.advance(1s);
+  CHECK_THROWS_AS(h.result(), timeout_error);
+}
+
+TEST_CASE("progress from a worker reaches the loop thread coalesced, ending with the last value") {
+  event_loop loop;
+  std::vector<int> seen;
+  std::set<std::thread::id> threads;
+  auto h = start_job(loop, [&]() -> job<> {
+    progress<int> p([&](int v) {
+      seen.push_back(v);
+      threads.insert(std::this_thread::get_id());
+    });
+    // Named, not a temporary in the co_await: GCC 12 destroys such a lambda twice (README).
+    auto work = [r = p.get_reporter()] {
+      for (int i = 1; i <= 100'000; ++i) r(i);
+    };
+    co_await threaded_task(work);
+    co_await sleep_task(0s);  // the last delivery is queued behind the task's completion
+    co_await sleep_task(1ms);
+  });
+  CHECK(run_until(loop, [&] { return h.done(); }));
+  REQUIRE_FALSE(seen.empty());
+  CHECK(seen.back() == 100'000);
+  CHECK(seen.size() < 100'000);
+  CHECK(std::is_sorted(seen.begin(), seen.end()));
+  CHECK(threads == std::set<std::thread::id>{std::this_thread::get_id()});
+}
+
+TEST_CASE("reports to a progress that is gone, or whose loop is gone, are harmless") {
+  std::optional<progress<int>::reporter> r;
+  int calls = 0;
+  {
+    event_loop loop;
+    {
+      progress<int> p(loop, [&](int) { ++calls; });
+      r = p.get_reporter();
+      (*r)(1);
+    }
+    (*r)(2);
+    drain(loop);
+    CHECK(calls == 0);
+  }
+  (*r)(3);
+  CHECK(calls == 0);
+}
+
+TEST_CASE("the watchdog reports a job step that holds the loop too long, naming the job") {
+  event_loop loop;
+  std::vector<std::pair<std::string, steady_clock::duration>> slow;
+  loop.set_watchdog(20ms, [&](std::string_view who, steady_clock::duration held) {
+    slow.emplace_back(who, held);
+  });
+  start_job(loop, []() -> job<> {
+    const auto end = steady_clock::now() + 50ms;
+    while (steady_clock::now() < end) {  // blocks the loop: what the watchdog is for
+    }
+    co_return;
+  }, "blocker");
+  start_job(loop, []() -> job<> { co_await sleep_task(1ms); }, "polite");
+  drain(loop);
+  REQUIRE(slow.size() == 1);
+  CHECK(slow[0].first == "blocker");
+  CHECK(slow[0].second >= 50ms);
+}
+
+TEST_CASE("without a watchdog handler a slow step reaches the error handler as slow_step") {
+  event_loop loop;
+  std::vector<std::string> names;
+  bool is_slow = false;
+  loop.set_error_handler([&](std::string_view name, std::exception_ptr e) {
+    names.emplace_back(name);
+    try {
+      std::rethrow_exception(e);
+    } catch (const slow_step&) {
+      is_slow = true;
+    } catch (...) {
+    }
+  });
+  loop.set_watchdog(10ms);
+  loop.post([] {
+    const auto end = steady_clock::now() + 20ms;
+    while (steady_clock::now() < end) {
+    }
+  });
+  drain(loop);
+  CHECK(names == std::vector<std::string>{"post"});
+  CHECK(is_slow);
+}
+
+TEST_CASE("a job scope's cancel_all finishes its jobs' unwinding before it returns") {
+  event_loop loop(manual());
+  live::count = 0;
+  std::vector<std::string> cleanup;
+  job_scope scope(loop);
+  for (std::string name : {"a", "b"})
+    scope.start([&, name]() -> job<> {
+      live guard;
+      try {
+        co_await sleep_task(1h);
+      } catch (const job_cancelled&) {
+        cleanup.push_back(name);
+        throw;
+      }
+    }, name);
+  scope.start([]() -> job<> { co_await when_all(after(1h, 1), after(1h, 2)); }, "c");
+  loop.advance(1ms);
+  CHECK(scope.size() == 3);
+  CHECK(live::count == 4);
+  CHECK(scope.cancel_all() == 3);
+  CHECK(live::count == 0);
+  CHECK(cleanup.size() == 2);
+  CHECK(scope.size() == 0);
+  CHECK(loop.stats().jobs == 0);
+  CHECK(loop.stats().timers == 0);
+}
+
+TEST_CASE("destroying a job scope cancels its jobs, even those not started yet") {
+  event_loop loop(manual());
+  live::count = 0;
+  job_handle<int> h1, h2;
+  {
+    job_scope scope(loop);
+    h1 = scope.start(after(1h, 1));
+    loop.advance(1ms);
+    h2 = scope.start(after(1h, 2));  // not started yet
+    CHECK(live::count == 1);
+  }
+  CHECK(live::count == 0);
+  CHECK_THROWS_AS(h1.result(), job_cancelled);
+  CHECK_THROWS_AS(h2.result(), job_cancelled);
+}
+
+TEST_CASE("restart::ignore_while_running keeps the running job and drops the new one") {
+  event_loop loop(manual());
+  job_scope scope(loop, restart::ignore_while_running);
+  int runs = 0;
+  auto make = [&]() -> job<int> {
+    ++runs;
+    co_await sleep_task(10ms);
+    co_return runs;
+  };
+  auto a = scope.start(make(), "click");
+  loop.advance(1ms);
+  auto b = scope.start(make(), "click");
+  loop.advance(10ms);
+  CHECK(runs == 1);
+  CHECK(a.result() == 1);
+  CHECK(b.result() == 1);
+  auto c = scope.start(make(), "click");  // the first has ended: this one runs
+  loop.advance(10ms);
+  CHECK(c.result() == 2);
+}
+
+TEST_CASE("restart::cancel_previous unwinds the previous job before starting the next") {
+  event_loop loop(manual());
+  job_scope scope(loop, restart::cancel_previous);
+  std::vector<std::string> log;
+  auto make = [&](std::string id) -> job<> {
+    log.push_back("start " + id);
+    try {
+      co_await sleep_task(10ms);
+      log.push_back("done " + id);
+    } catch (const job_cancelled&) {
+      log.push_back("cancelled " + id);
+      throw;
+    }
+  };
+  auto a = scope.start(make("a"), "click");
+  loop.advance(1ms);
+  auto b = scope.start(make("b"), "click");
+  CHECK(log == std::vector<std::string>{"start a", "cancelled a"});
+  loop.advance(10ms);
+  CHECK(log == std::vector<std::string>{"start a", "cancelled a", "start b", "done b"});
+  CHECK_THROWS_AS(a.result(), job_cancelled);
+}
+
+TEST_CASE("restart::run_another runs every click") {
+  event_loop loop(manual());
+  job_scope scope(loop);
+  auto a = scope.start(after(10ms, 1), "click");
+  auto b = scope.start(after(10ms, 2), "click");
+  loop.advance(10ms);
+  CHECK(a.result() + b.result() == 3);
+}
+
+TEST_CASE("a job that cancels its own scope ends at its next await") {
+  event_loop loop(manual());
+  live::count = 0;
+  auto scope = std::make_unique<job_scope>(loop);
+  bool after_close = false;
+  auto h = scope->start([&]() -> job<> {
+    live guard;
+    co_await sleep_task(1ms);
+    scope->cancel_all();  // e.g. a Close button handled inside the job
+    after_close = true;
+    co_await sleep_task(1ms);
+    after_close = false;
+  });
+  loop.advance(5ms);
+  CHECK(after_close);
+  CHECK_THROWS_AS(h.result(), job_cancelled);
+  CHECK(live::count == 0);
+}
+
+TEST_CASE("an error of a scope's job that nobody holds reaches the error handler once") {
+  event_loop loop(manual());
+  error_log log(loop);
+  job_scope scope(loop);
+  (void)scope.start(fail_after(1ms, "lost?"), "quiet");
+  loop.advance(1ms);
+  CHECK(log.names == std::vector<std::string>{"quiet"});
+  CHECK(log.whats == std::vector<std::string>{"lost?"});
+}
+
+TEST_CASE("jobs() lists each live job with its name, state and what it waits on for how long") {
+  event_loop loop(manual());
+  pipe_fds p;
+  start_job(loop, after(1h, 0), "sleeper");
+  start_job(loop, [&]() -> job<> { co_await wait_readable(p.r); }, "reader");
+  loop.advance(1ms);
+  start_job(loop, after(1ms, 1), "new");
+  loop.advance(0ms);
+  auto list = loop.jobs();
+  // `new` started in the advance(0ms) above; it waits on its sleep too.
+  std::map<std::string, job_info> by_name;
+  for (auto& i : list) by_name.emplace(i.name, i);
+  REQUIRE(by_name.size() == 3);
+  CHECK(std::string(by_name["sleeper"].state) == "waiting");
+  CHECK(std::string(by_name["sleeper"].waiting_on) == "sleep_task");
+  CHECK(by_name["sleeper"].waited == 1ms);
+  CHECK(std::string(by_name["reader"].waiting_on) == "wait_readable");
+  CHECK(std::string(by_name["new"].waiting_on) == "sleep_task");
+  CHECK(by_name["new"].waited == 0ms);
+  start_job(loop, after(1ms, 1), "queued");
+  CHECK(std::string(loop.jobs().front().state) == "not started");
+}
+
+TEST_CASE("run() on a manual clock returns when only timers are left, instead of spinning") {
+  event_loop loop(manual());
+  auto h = start_job(loop, after(1s, 1));
+  loop.run();
+  CHECK_FALSE(h.done());
+  CHECK(loop.stats().timers == 1);
+  loop.advance(1s);
+  CHECK(h.result() == 1);
 }

@@ -2,23 +2,30 @@
 //
 // A script clicks buttons on a terminal "window" (each click is an event_loop::call_later
 // timer) and each click starts a job that reads like sequential code:
-//   Download  a blocking function on a worker thread (threaded_task), with a progress bar
-//   Convert   the same kind of job, stopped halfway by a click on Cancel (job_handle::cancel)
-//   Sleep     co_awaits sleep_task and shows how long it really slept
-//   Fetch     its worker thread throws; the job shows the error, and so does result()
-//   Save      asks a question in a "dialog" (callback_task) answered by a click on Yes
+//   Download       a blocking function on a worker thread (threaded_task), its progress bar
+//                  fed by a progress<int> reporter
+//   Convert        the same kind of job, stopped halfway by a click on Cancel (job_handle::cancel)
+//   Sleep          co_awaits sleep_task and shows how long it really slept
+//   Fetch          its worker thread throws; the job shows the error, and so does result()
+//   Save           asks a question in a "dialog" (callback_task) answered by a click on Yes
+//   Ping           with_timeout(500 ms) around a reply that never comes: timeout_error. Started
+//                  with restart::ignore_while_running, so a second quick click is ignored
+//   Freeze         the bad button: 200 ms of busy work on the loop thread, no co_await. The
+//                  clock stops, and the loop's watchdog (set_watchdog) names the culprit
+//   Download both  when_all of two downloads, two progress bars, one result
+//   Close window   the window owns a job_scope that started every job; closing it cancels
+//                  the running ones and returns only after they have unwound
 // Meanwhile a heartbeat job redraws the window at 10 Hz: if anything blocked the loop thread,
 // the clock and spinner would stop. That responsiveness is what the recipe is about.
 //
 // On a terminal the window is redrawn in place; otherwise (`./build/demo | cat`) each event
-// is printed as one line, with a status line every second. The script ends after ~6 s.
+// is printed as one line, with a status line every second. The script ends after ~6.5 s.
 //
 // To add a scene: write its job and its on_* function, add them to `row_order` and `buttons`,
 // and add its clicks to `script`.
 
 #include "coro_jobs.hpp"
 
-#include <atomic>
 #include <chrono>
 #include <cstdarg>
 #include <cstdio>
@@ -50,25 +57,35 @@ std::string format(const char* fmt, ...) {
   return buf;
 }
 
-// One line of the window per job-starting button: what its job last said, and its progress.
+double to_seconds(steady_clock::duration d) { return std::chrono::duration<double>(d).count(); }
+
+// One line of the window: what a job last said in it, and its progress. Only the loop
+// thread touches it: workers report through progress<int>, which delivers on the loop.
 struct row {
   std::string name;
   std::string status = "idle";
-  std::atomic<int> percent{-1};  // -1: no bar. Written by a worker thread, read by draw().
+  int percent = -1;  // -1: no bar
 };
 
 struct window {
-  explicit window(bool tty) : tty(tty) {}
+  window(event_loop& loop, bool tty) : loop(loop), scope(loop), tty(tty) {}
 
+  event_loop& loop;
+  // Every job of the window is started through its scope, so closing the window (close())
+  // can cancel them and know they are over: no job touches the window after it has gone.
+  job_scope scope;
   bool tty;  // redraw in place with ANSI codes, or print one line per event
   steady_clock::time_point t0 = steady_clock::now();
-  std::deque<row> rows;  // a deque, because a row holds an atomic and must never move
+  std::deque<row> rows;  // a deque, because jobs hold references to rows as rows are added
   std::vector<std::string> log;
   std::vector<job_handle<>> jobs;  // every job a click started, for Cancel and the summary
   std::optional<task_return<bool>> dialog;  // set while the Save dialog waits for an answer
+  std::optional<task_return<>> pong;        // set while Ping waits for a reply
+  bool closing = false;
+  std::vector<std::string> unwound;  // jobs whose unwinding ran while the window closed
   int ticks = 0, drawn = 0;
 
-  double seconds() const { return std::chrono::duration<double>(steady_clock::now() - t0).count(); }
+  double seconds() const { return to_seconds(steady_clock::now() - t0); }
 
   row& at(std::string_view name) {
     for (row& r : rows)
@@ -89,14 +106,13 @@ struct window {
     event(r.name + ": " + r.status);
   }
 
-  // Starts a job for the button's row; the body runs on the loop's next iteration.
+  // Starts a job for the button's row through the window's scope; the body runs on the
+  // loop's next iteration. With restart::ignore_while_running a click while the button's
+  // job runs starts nothing (the scope drops the new job unstarted): its size stays the same.
   template <class Body>
-  std::string start(std::string_view name, Body body) {
-    row& r = at(name);
-    r.status = "started";
-    jobs.push_back(start_job(body(*this, r), std::string(name)));
-    return "job started";
-  }
+  std::string start(std::string_view name, Body body, restart policy = restart::run_another);
+
+  std::string close();
 
   int running() const {
     int n = 0;
@@ -106,6 +122,51 @@ struct window {
 
   void draw();
 };
+
+// Every job of the window runs inside this one, which notes in the window when the job is
+// unwound by the window's close: that is how close() can show that its jobs had finished
+// unwinding (catch blocks run, frames destroyed) before cancel_all() returned.
+template <class T>
+job<> tracked(window& w, std::string name, row* r, job<T> body) {
+  try {
+    co_await std::move(body);
+  } catch (const job_cancelled&) {
+    if (w.closing) {
+      w.unwound.push_back(name);
+      if (r) w.say(*r, "cancelled by Close, unwound");
+    }
+    throw;  // a cancelled job must end cancelled: swallowing it would report success
+  }
+}
+
+template <class Body>
+std::string window::start(std::string_view name, Body body, restart policy) {
+  row& r = at(name);
+  const std::size_t live = scope.size();
+  auto h = scope.start(tracked(*this, std::string(name), &r, body(*this, r)), std::string(name),
+                       policy);
+  if (scope.size() == live) return "ignored: " + std::string(name) + " is still running";
+  r.status = "started";
+  jobs.push_back(std::move(h));
+  return "job started";
+}
+
+// Closing the window: cancel_all() cancels every live job of the scope and returns only once
+// each has unwound, so the window may be destroyed right after. The app quits with it.
+std::string window::close() {
+  std::string live;
+  for (const job_info& j : loop.jobs())  // newest first, branches of when_all included
+    live += format("%s%s (%s)", live.empty() ? "" : ", ", j.name.c_str(),
+                   *j.waiting_on ? j.waiting_on : j.state);
+  event("live jobs: " + live);
+  closing = true;
+  const std::size_t n = scope.cancel_all();
+  std::string names;
+  for (const auto& u : unwound) names += (names.empty() ? "" : ", ") + u;
+  event("unwound before cancel_all() returned: " + names);
+  loop.quit();
+  return format("closed: %zu jobs cancelled and unwound", n);
+}
 
 std::string bar(int percent) {
   if (percent < 0) return std::string(24, ' ');
@@ -119,7 +180,7 @@ void window::draw() {
     if (ticks % 10 != 0) return;
     std::string s = format("[%.2fs] status: tick %d, %d job(s) running", seconds(), ticks, running());
     for (const row& r : rows)
-      if (int p = r.percent.load(); p >= 0) s += format(", %s %d%%", r.name.c_str(), p);
+      if (r.percent >= 0) s += format(", %s %d%%", r.name.c_str(), r.percent);
     std::printf("%s\n", s.c_str());
     return;
   }
@@ -127,18 +188,19 @@ void window::draw() {
   const char spinner[] = "|/-\\";
   lines.push_back(format(" coro_jobs demo   %c %5.1fs   tick %-4d  %d job(s) running",
                          spinner[ticks % 4], seconds(), ticks, running()));
-  lines.push_back(std::string(72, '-'));
+  lines.push_back(std::string(78, '-'));
   for (const row& r : rows)
-    lines.push_back(format(" %-9s %s  %s", r.name.c_str(), bar(r.percent.load()).c_str(),
-                           r.status.c_str()));
-  lines.push_back(std::string(72, '-'));
-  for (std::size_t i = log.size() < 4 ? 0 : log.size() - 4; i < log.size(); ++i)
+    lines.push_back(
+        format(" %-13s %s  %s", r.name.c_str(), bar(r.percent).c_str(), r.status.c_str()));
+  lines.push_back(std::string(78, '-'));
+  for (std::size_t i = log.size() < 5 ? 0 : log.size() - 5; i < log.size(); ++i)
     lines.push_back(" " + log[i]);
-  while (lines.size() < rows.size() + 7) lines.emplace_back();  // fixed height: the log fills up
+  while (lines.size() < rows.size() + 9) lines.emplace_back();  // fixed height: the log fills up
 
-  // Move up over the previous frame and overwrite it line by line, clearing each.
+  // Move up over the previous frame and overwrite it line by line, clearing each. A line
+  // longer than the terminal would wrap and throw the count off, so lines are clipped.
   if (drawn) std::printf("\x1b[%dA", drawn);
-  for (const auto& l : lines) std::printf("\r\x1b[2K%s\n", l.c_str());
+  for (const auto& l : lines) std::printf("\r\x1b[2K%.79s\n", l.c_str());
   drawn = int(lines.size());
   std::fflush(stdout);
 }
@@ -146,12 +208,14 @@ void window::draw() {
 // --- The blocking functions: what a click handler must never call on the loop thread -----
 
 // Copies `chunks` chunks, 30 ms each. A thread cannot be interrupted from outside, so it
-// checks its stop token between chunks; Cancel then frees the worker within one chunk.
-int copy_blocking(std::stop_token stop, std::atomic<int>* percent, int chunks) {
+// checks its stop token between chunks; a cancel then frees the worker within one chunk.
+// It reports progress through a reporter it holds by value, never through the job's or the
+// window's memory: a worker may still be finishing its chunk after the loop is gone.
+int copy_blocking(std::stop_token stop, progress<int>::reporter report, int chunks) {
   for (int i = 1; i <= chunks; ++i) {
     if (stop.stop_requested()) return -1;  // nobody will see the value: the job was cancelled
     std::this_thread::sleep_for(30ms);
-    percent->store(i * 100 / chunks);
+    report(i * 100 / chunks);
   }
   return chunks * 64;  // KiB
 }
@@ -163,27 +227,38 @@ std::string fetch_blocking(std::stop_token, std::string host) {
 
 // --- The jobs: sequential code, with a co_await wherever the recipe has a yield ------------
 
-job<> download(window& w, row& r) {
-  w.say(r, "downloading");
-  int kib = co_await threaded_task(copy_blocking, &r.percent, 100);
-  w.say(r, format("done, %d KiB", kib));
+// A copy on a worker thread, its progress shown in row r. The progress object lives in this
+// frame: once the job ends, late reports from the worker are dropped.
+job<int> copy(window& w, row& r, const char* doing, int chunks) {
+  w.say(r, doing);
+  progress<int> p([&r](int percent) { r.percent = percent; });  // runs on the loop thread
+  try {
+    int kib = co_await threaded_task(copy_blocking, p.get_reporter(), chunks);
+    w.say(r, format("done, %d KiB", kib));
+    co_return kib;
+  } catch (const job_cancelled&) {
+    w.say(r, format("cancelled at %d%%", r.percent));
+    throw;
+  }
 }
 
-job<> convert(window& w, row& r) {
-  w.say(r, "converting");
-  try {
-    co_await threaded_task(copy_blocking, &r.percent, 120);
-    w.say(r, "done");
-  } catch (const job_cancelled&) {
-    w.say(r, "cancelled");
-    throw;  // a cancelled job must end cancelled: swallowing it would report success
-  }
+job<> download(window& w, row& r) { co_await copy(w, r, "downloading", 60); }
+
+job<> convert(window& w, row& r) { co_await copy(w, r, "converting", 120); }
+
+// Two downloads at once, each a job of its own (a branch) with its own bar; the results come
+// back together. Cancelling this job cancels both branches.
+job<> download_both(window& w, row& r) {
+  w.say(r, "downloading a.iso and b.iso");
+  auto [a, b] = co_await when_all(copy(w, w.at("a.iso"), "downloading", 40),
+                                  copy(w, w.at("b.iso"), "downloading", 100));
+  w.say(r, format("done, %d KiB in all", a + b));
 }
 
 job<> nap(window& w, row& r) {
   w.say(r, "sleeping 1.5 s");
   auto slept = co_await sleep_task(1500ms);
-  w.say(r, format("slept %.3f s", std::chrono::duration<double>(slept).count()));
+  w.say(r, format("slept %.3f s", to_seconds(slept)));
 }
 
 job<> fetch(window& w, row& r) {
@@ -206,6 +281,32 @@ job<> save(window& w, row& r) {
   w.say(r, yes ? "saved report.txt" : "kept the old report.txt");
 }
 
+// A host that never answers: without a timeout the job would wait forever.
+job<> ping(window& w, row& r) {
+  w.say(r, "pinging 192.0.2.1");
+  const auto t0 = steady_clock::now();
+  try {
+    co_await with_timeout(500ms, callback_task<void>([&w](task_return<> reply) {
+                            w.pong = std::move(reply);  // nobody will ever call it
+                            return [&w] { w.pong.reset(); };  // the timeout cancels the wait
+                          }));
+    w.say(r, "pong");
+  } catch (const timeout_error&) {
+    w.say(r, format("timed out after %.1f s", to_seconds(steady_clock::now() - t0)));
+  }
+}
+
+// The bad button: 200 ms of work on the loop thread with no co_await, so nothing else runs
+// meanwhile (the clock stops). Such work belongs in threaded_task; the watchdog says so.
+job<> freeze(window& w, row& r) {
+  w.say(r, "computing on the loop thread");
+  const auto until = steady_clock::now() + 200ms;
+  while (steady_clock::now() < until) {
+  }
+  w.say(r, "done, and the window froze meanwhile");
+  co_return;
+}
+
 // The window's heartbeat, a job like the others: it only ticks if nothing blocks the loop.
 job<> heartbeat(window& w) {
   // Aim at the next tenth of a second rather than 100 ms after the last draw, so the tick
@@ -226,6 +327,11 @@ std::string on_convert(window& w) { return w.start("Convert", convert); }
 std::string on_sleep(window& w) { return w.start("Sleep", nap); }
 std::string on_fetch(window& w) { return w.start("Fetch", fetch); }
 std::string on_save(window& w) { return w.start("Save", save); }
+// An impatient user clicks Ping twice: one ping at a time is enough.
+std::string on_ping(window& w) { return w.start("Ping", ping, restart::ignore_while_running); }
+std::string on_freeze(window& w) { return w.start("Freeze", freeze); }
+std::string on_download_both(window& w) { return w.start("Download both", download_both); }
+std::string on_close(window& w) { return w.close(); }
 
 std::string on_cancel(window& w) {
   for (auto& h : w.jobs)
@@ -244,23 +350,28 @@ struct button {
   std::string (*on_click)(window&);
 };
 const button buttons[] = {
-    {"Download", on_download}, {"Convert", on_convert}, {"Sleep", on_sleep},
-    {"Fetch", on_fetch},       {"Save", on_save},       {"Cancel", on_cancel},
-    {"Yes", on_yes},
+    {"Download", on_download}, {"Convert", on_convert},   {"Sleep", on_sleep},
+    {"Fetch", on_fetch},       {"Save", on_save},         {"Cancel", on_cancel},
+    {"Yes", on_yes},           {"Ping", on_ping},         {"Freeze", on_freeze},
+    {"Download both", on_download_both},                  {"Close window", on_close},
 };
-// The window's rows, top to bottom.
-const std::string_view row_order[] = {"Download", "Convert", "Sleep", "Fetch", "Save"};
+// The window's rows, top to bottom (a.iso and b.iso are Download both's two bars).
+const std::string_view row_order[] = {"Download", "Convert", "Sleep",         "Fetch", "Save",
+                                      "Ping",     "Freeze",  "Download both", "a.iso", "b.iso"};
 
-// What a tester would click by hand, and when. Several jobs overlap from 2.0 s to 3.5 s.
+// What a tester would click by hand, and when. Several jobs overlap throughout; the window
+// is closed while Download both and the second Sleep are still running.
 struct click {
   steady_clock::duration at;
   std::string_view button;
 };
 const click script[] = {
-    {500ms, "Download"}, {1000ms, "Convert"}, {1500ms, "Sleep"}, {2000ms, "Fetch"},
-    {2800ms, "Cancel"},  {3600ms, "Save"},    {4800ms, "Yes"},
+    {300ms, "Download"},       {800ms, "Convert"},       {1300ms, "Sleep"},
+    {1800ms, "Fetch"},         {2300ms, "Cancel"},       {2600ms, "Ping"},
+    {2800ms, "Ping"},          {3400ms, "Freeze"},       {3700ms, "Save"},
+    {4400ms, "Yes"},           {4700ms, "Download both"}, {5100ms, "Ping"},  // the first ended
+    {5400ms, "Sleep"},         {6500ms, "Close window"},  // the last click: the app quits
 };
-constexpr auto script_end = 5800ms;
 
 void press(window& w, std::string_view name) {
   std::string what = "no such button";
@@ -272,19 +383,22 @@ void press(window& w, std::string_view name) {
 }  // namespace
 
 int main() {
-  window w(::isatty(1) == 1);
-  for (auto name : row_order) w.at(name);
-  // Made after the window, so destroyed before it: job frames refer to the window. (Worker
-  // threads do too, and the loop does not wait for them: the script quits after they end.)
   event_loop loop;
+  // Made after the loop, so destroyed before it, as its job_scope must be; the scope's jobs
+  // refer to the window, and closing it (the last click) has ended them all.
+  window w(loop, ::isatty(1) == 1);
+  for (auto name : row_order) w.at(name);
+
+  // Anything that holds the loop thread longer than 100 ms is named in the window.
+  loop.set_watchdog(100ms, [&w](std::string_view who, steady_clock::duration held) {
+    const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(held).count();
+    w.event(format("watchdog: %.*s held the loop for %lld ms", int(who.size()), who.data(),
+                   static_cast<long long>(ms)));
+  });
 
   for (const click& c : script) loop.call_later(c.at, [&w, c] { press(w, c.button); });
-  // The heartbeat never ends, so run() would never run out of work: the script quits it.
-  loop.call_later(script_end, [&] {
-    w.event("end of script: closing the window");
-    loop.quit();
-  });
-  start_job(heartbeat(w), "heartbeat");
+  // The heartbeat never ends: it belongs to the window, and Close window ends it with the rest.
+  w.scope.start(tracked(w, "heartbeat", nullptr, heartbeat(w)), "heartbeat");
 
   if (w.tty) std::printf("\x1b[?25l");  // hide the cursor while redrawing
   loop.run();
@@ -298,11 +412,11 @@ int main() {
   for (auto& h : w.jobs) {
     try {
       h.result();
-      std::printf("  %-9s finished\n", h.name().data());
+      std::printf("  %-13s finished\n", h.name().data());
     } catch (const job_cancelled&) {
-      std::printf("  %-9s cancelled\n", h.name().data());
+      std::printf("  %-13s cancelled\n", h.name().data());
     } catch (const std::exception& e) {
-      std::printf("  %-9s failed: %s\n", h.name().data(), e.what());
+      std::printf("  %-13s failed: %s\n", h.name().data(), e.what());
     }
   }
 }

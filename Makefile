@@ -45,10 +45,37 @@ stress-tsan:
 # --- end stress ---
 
 # --- bench (issue 4): owned by bench/; edit only between these markers ---
+# `make bench`: ours against Asio, GLib and asyncio on the same workloads, a Markdown table
+# on stdout and in bench/results.md (a few minutes). `make bench-build`: build them only.
+# Smoke run: `make bench BENCH_ARGS="--quick --reps 1"`. See bench/README.md.
+BENCH      ?= build-bench
+BENCH_ARGS ?=
+BENCH_OPT  := -O2 -DNDEBUG
+BENCH_ASIO := -DASIO_HAS_CO_AWAIT -DASIO_HAS_STD_COROUTINE
+.PHONY: bench-deps
 bench:
-	@echo "make bench: not written yet"; exit 1
-bench-build:
-	@echo "make bench-build: not written yet"; exit 1
+	BENCH_CXX="$(CXX)" MAKE="$(MAKE)" BENCH="$(BENCH)" sh bench/run.sh $(BENCH_ARGS)
+bench-build: bench-deps $(BENCH)/ours $(BENCH)/peer_asio $(BENCH)/peer_glib $(BENCH)/w6_ours.o $(BENCH)/w6_asio.o
+	@python3 -c 'import ast, sys; ast.parse(open(sys.argv[1]).read())' bench/peer_asyncio.py
+# The peers' packages (Debian names); quick checks when present.
+bench-deps:
+	@printf '\043include <asio/version.hpp>\n' | $(CXX) -x c++ -E - >/dev/null 2>&1 || sh tools/need libasio-dev
+	@command -v pkg-config >/dev/null 2>&1 || sh tools/need pkg-config
+	@pkg-config --exists glib-2.0 || sh tools/need libglib2.0-dev
+	@command -v python3 >/dev/null 2>&1 || sh tools/need python3
+$(BENCH):
+	mkdir -p $@
+$(BENCH)/ours: bench/ours.cpp bench/common.hpp coro_jobs.hpp | $(BENCH)
+	$(CXX) $(REQUIRED) $(WARN) $(BENCH_OPT) bench/ours.cpp -o $@
+$(BENCH)/peer_asio: bench/peer_asio.cpp bench/common.hpp | $(BENCH) bench-deps
+	$(CXX) $(REQUIRED) -Wall -Wextra -Werror $(BENCH_OPT) $(BENCH_ASIO) bench/peer_asio.cpp -o $@
+$(BENCH)/peer_glib: bench/peer_glib.cpp bench/common.hpp | $(BENCH) bench-deps
+	$(CXX) $(REQUIRED) -Wall -Wextra -Werror $(BENCH_OPT) $$(pkg-config --cflags glib-2.0) \
+	  bench/peer_glib.cpp -o $@ $$(pkg-config --libs glib-2.0)
+$(BENCH)/w6_ours.o: bench/w6_ours.cpp coro_jobs.hpp | $(BENCH)
+	$(CXX) $(REQUIRED) $(WARN) $(BENCH_OPT) -c bench/w6_ours.cpp -o $@
+$(BENCH)/w6_asio.o: bench/w6_asio.cpp | $(BENCH) bench-deps
+	$(CXX) $(REQUIRED) -Wall -Wextra -Werror $(BENCH_OPT) $(BENCH_ASIO) -c bench/w6_asio.cpp -o $@
 # --- end bench ---
 
 # doctest comes from the system (Debian: doctest-dev). Install it if we can, else say how.

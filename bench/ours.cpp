@@ -1,0 +1,222 @@
+// bench/ours.cpp - the coro_jobs side of the benchmark (see bench/README.md).
+// Usage: ours [--quick] [--only W1,W2,W3,W4,W5]; prints RESULT <workload> <metric> <value>.
+#include "coro_jobs.hpp"
+
+#include <atomic>
+#include <coroutine>
+#include <thread>
+#include <vector>
+
+#include "common.hpp"
+
+using namespace coro_jobs;
+using namespace std::chrono_literals;
+using bench::clk;
+
+namespace {
+
+// ---- W1: switches --------------------------------------------------------------------
+
+job<void> yielder(int n, long& count) {
+  for (int i = 0; i < n; ++i) {
+    co_await sleep_task(0s);  // a plain yield: no timer, no clock read (see sleep_op)
+    ++count;
+  }
+}
+
+// The baseline: the least a coroutine switch can cost. A hand-written coroutine type whose
+// only await pushes its handle onto a std::vector; the "loop" resumes the queue's snapshot.
+struct bare {
+  struct promise_type {
+    bare get_return_object() noexcept {
+      return {std::coroutine_handle<promise_type>::from_promise(*this)};
+    }
+    std::suspend_always initial_suspend() noexcept { return {}; }
+    std::suspend_always final_suspend() noexcept { return {}; }
+    void return_void() noexcept {}
+    void unhandled_exception() noexcept { std::terminate(); }
+  };
+  std::coroutine_handle<promise_type> h;
+};
+std::vector<std::coroutine_handle<>>* bare_queue;
+struct bare_yield {
+  bool await_ready() const noexcept { return false; }
+  void await_suspend(std::coroutine_handle<> h) const { bare_queue->push_back(h); }
+  void await_resume() const noexcept {}
+};
+bare bare_yielder(int n, long& count) {
+  for (int i = 0; i < n; ++i) {
+    co_await bare_yield{};
+    ++count;
+  }
+}
+
+void w1(const bench::options& o) {
+  const int jobs = o.n.w1_jobs, yields = o.n.w1_yields;
+  const double switches = double(jobs) * yields;
+  {
+    event_loop loop(2);
+    long count = 0;
+    const auto t0 = clk::now();
+    for (int j = 0; j < jobs; ++j) start_job(loop, yielder(yields, count));
+    loop.run();
+    const auto t1 = clk::now();
+    bench::check(count == long(switches), "W1", "ours: wrong number of switches");
+    bench::result("W1", "ns_per_switch", bench::seconds(t1 - t0) * 1e9 / switches);
+  }
+  {
+    std::vector<std::coroutine_handle<>> queue, running;
+    std::vector<bare> frames;
+    bare_queue = &queue;
+    long count = 0;
+    const auto t0 = clk::now();
+    for (int j = 0; j < jobs; ++j) {
+      frames.push_back(bare_yielder(yields, count));
+      queue.push_back(frames.back().h);
+    }
+    while (!queue.empty()) {
+      running.swap(queue);
+      for (auto h : running) h.resume();
+      running.clear();
+    }
+    const auto t1 = clk::now();
+    for (auto& f : frames) f.h.destroy();
+    bench::check(count == long(switches), "W1", "bare: wrong number of switches");
+    bench::result("W1", "bare_ns_per_switch", bench::seconds(t1 - t0) * 1e9 / switches);
+  }
+}
+
+// ---- W2: a million timers ------------------------------------------------------------
+
+job<void> sleeper(int ms, float* late_ms, long& done) {
+  const auto t0 = clk::now();
+  co_await sleep_task(std::chrono::milliseconds(ms));
+  const auto t1 = clk::now();
+  *late_ms = std::chrono::duration<float, std::milli>(t1 - t0 - std::chrono::milliseconds(ms)).count();
+  ++done;
+}
+
+void w2(const bench::options& o) {
+  const int n = o.n.w2_jobs;
+  const auto delay = bench::delays(n, o.n.w2_max_ms);
+  std::vector<float> late(static_cast<std::size_t>(n), -1e9f);  // touched now, so not counted as growth
+  long done = 0;
+  event_loop loop(2);
+  const long rss0 = bench::peak_rss();
+  const auto t0 = clk::now();
+  for (int i = 0; i < n; ++i) start_job(loop, sleeper(delay[std::size_t(i)], &late[std::size_t(i)], done));
+  loop.run();
+  const auto t1 = clk::now();
+  const long rss1 = bench::peak_rss();
+  bench::check(done == n, "W2", "not every job ended");
+  bench::check(*std::min_element(late.begin(), late.end()) >= 0, "W2", "a sleep ended early");
+  bench::result("W2", "jobs", n);
+  bench::result("W2", "wall_s", bench::seconds(t1 - t0));
+  bench::result("W2", "bytes_per_job", double(rss1 - rss0) / n);
+  bench::result("W2", "late_p50_ms", bench::quantile(late, 0.50));
+  bench::result("W2", "late_p99_ms", bench::quantile(late, 0.99));
+}
+
+// ---- W3: threaded round trips --------------------------------------------------------
+
+std::thread::id loop_thread;
+std::atomic<long> off_loop{0};
+
+int trivial(int x) {
+  if (std::this_thread::get_id() != loop_thread) off_loop.fetch_add(1, std::memory_order_relaxed);
+  return x + 1;
+}
+
+job<void> round_trips(int n, long& sum) {
+  for (int i = 0; i < n; ++i) {
+    sum += co_await threaded_task(trivial, i) - i;
+    if (std::this_thread::get_id() != loop_thread) bench::fail("W3", "resumed off the loop thread");
+  }
+}
+
+void w3(const bench::options& o) {
+  loop_thread = std::this_thread::get_id();
+  event_loop loop(2);  // two worker threads, as for every peer
+  {
+    long sum = 0;
+    off_loop = 0;
+    const auto t0 = clk::now();
+    start_job(loop, round_trips(o.n.w3_seq, sum));
+    loop.run();
+    const auto t1 = clk::now();
+    bench::check(sum == o.n.w3_seq && off_loop == o.n.w3_seq, "W3", "sequential: wrong count or thread");
+    bench::result("W3", "seq_us_per_trip", bench::seconds(t1 - t0) * 1e6 / o.n.w3_seq);
+  }
+  {
+    long sum = 0;
+    off_loop = 0;
+    const long total = long(o.n.w3_jobs) * o.n.w3_each;
+    const auto t0 = clk::now();
+    for (int j = 0; j < o.n.w3_jobs; ++j) start_job(loop, round_trips(o.n.w3_each, sum));
+    loop.run();
+    const auto t1 = clk::now();
+    bench::check(sum == total && off_loop == total, "W3", "concurrent: wrong count or thread");
+    bench::result("W3", "par64_us_per_trip", bench::seconds(t1 - t0) * 1e6 / double(total));
+  }
+}
+
+// ---- W4: timer precision -------------------------------------------------------------
+
+job<void> precise(int n, std::chrono::milliseconds d, std::vector<double>& late_us) {
+  for (int i = 0; i < n; ++i) {
+    const auto t0 = clk::now();
+    co_await sleep_task(d);
+    late_us.push_back(std::chrono::duration<double, std::micro>(clk::now() - t0 - d).count());
+  }
+}
+
+void w4(const bench::options& o) {
+  event_loop loop(2);
+  std::vector<double> a, b;
+  a.reserve(std::size_t(o.n.w4_short));
+  b.reserve(std::size_t(o.n.w4_long));
+  start_job(loop, precise(o.n.w4_short, 1ms, a));
+  loop.run();
+  start_job(loop, precise(o.n.w4_long, 10ms, b));
+  loop.run();
+  bench::check(int(a.size()) == o.n.w4_short && int(b.size()) == o.n.w4_long, "W4", "missing sleeps");
+  bench::check(*std::min_element(a.begin(), a.end()) >= 0 && *std::min_element(b.begin(), b.end()) >= 0,
+               "W4", "a sleep ended early");
+  bench::report_lateness_us("W4", "1ms", a);
+  bench::report_lateness_us("W4", "10ms", b);
+}
+
+// ---- W5: idle ------------------------------------------------------------------------
+
+job<void> idle(std::chrono::milliseconds d, bool& done) {
+  co_await sleep_task(d);
+  done = true;
+}
+
+void w5(const bench::options& o) {
+  event_loop loop(2);
+  bool done = false;
+  const auto polls0 = loop.stats().polls;
+  const double cpu0 = bench::cpu_seconds();
+  const long blocks0 = bench::thread_blocks();
+  start_job(loop, idle(std::chrono::milliseconds(o.n.w5_ms), done));
+  loop.run();
+  const long blocks1 = bench::thread_blocks();
+  const double cpu1 = bench::cpu_seconds();
+  bench::check(done, "W5", "the job did not end");
+  bench::result("W5", "cpu_ms", (cpu1 - cpu0) * 1e3);
+  bench::result("W5", "blocking_waits", double(loop.stats().polls - polls0));
+  bench::result("W5", "ctx_switches", double(blocks1 - blocks0));
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const auto o = bench::parse(argc, argv);
+  if (o.want("W1")) w1(o);
+  if (o.want("W2")) w2(o);
+  if (o.want("W3")) w3(o);
+  if (o.want("W4")) w4(o);
+  if (o.want("W5")) w5(o);
+  return 0;
+}

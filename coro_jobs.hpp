@@ -532,15 +532,20 @@ struct op_base {
 
 // --- Cross-thread inbox -----------------------------------------------------------------
 
-// The one path into the loop from other threads: push under a mutex, then wake the poll by
-// writing one byte to a pipe, but only if no wakeup is already on its way (`signalled`).
-// The loop drains the pipe *before* it resets `signalled` and takes the items, so an item
-// pushed at any moment is either taken now or has written a fresh byte. Writers hold the
-// inbox by shared_ptr, so the pipe outlives every writer even if the loop is gone.
+// The one path into the loop from other threads. A writer pushes under the mutex and, in
+// the same critical section, wakes the loop unless a wakeup is already on its way
+// (`signalled`): with a condition variable if the loop is asleep on it (no fds watched: a
+// futex, as cheap as Asio's wakeup), else with one byte to a pipe that ppoll watches. The
+// loop resets `signalled` and takes the items under the same mutex, so no wakeup is lost
+// and no stale byte is left behind. Writers hold the inbox by shared_ptr, so it outlives
+// every writer even if the loop is gone.
 struct inbox {
   std::mutex m;
+  std::condition_variable cv;
   std::vector<std::function<void()>> items;  // run on the loop thread; they only enqueue
   bool closed = false;
+  bool sleeping = false;  // the loop waits on cv (guarded by m)
+  std::atomic<bool> piped{false};  // a byte is (or is about to be) in the pipe
   std::atomic<bool> signalled{false};
   std::atomic<bool> quit{false};
   int rfd = -1, wfd = -1;
@@ -563,33 +568,67 @@ struct inbox {
   inbox& operator=(const inbox&) = delete;
 
   bool push(std::function<void()> fn) {
+    int how;
     {
       std::lock_guard<std::mutex> lock(m);
       if (closed) return false;
       items.push_back(std::move(fn));
+      how = decide();
     }
-    wake();
+    signal(how);
     return true;
   }
-  void wake() noexcept {
-    if (!signalled.exchange(true, std::memory_order_acq_rel)) {
+  void wake() {
+    int how;
+    {
+      std::lock_guard<std::mutex> lock(m);
+      how = decide();
+    }
+    signal(how);
+  }
+  // Under m: 0 nothing to do, 1 notify the sleeping loop, 2 write the pipe. The signal
+  // itself is sent after unlocking, so the woken loop does not block on our mutex.
+  int decide() noexcept {
+    if (signalled.exchange(true, std::memory_order_acq_rel)) return 0;
+    if (sleeping) return 1;
+    piped.store(true, std::memory_order_relaxed);
+    return 2;
+  }
+  void signal(int how) noexcept {
+    if (how == 1) {
+      cv.notify_one();
+    } else if (how == 2) {
       const char c = 1;
-      [[maybe_unused]] auto n = ::write(wfd, &c, 1);  // full pipe: a wakeup is pending anyway
+      [[maybe_unused]] auto n = ::write(wfd, &c, 1);  // a full pipe: a wakeup is pending anyway
     }
   }
-  // Empties the pipe. Also called when poll saw the pipe readable but the flag was down:
-  // a writer that lost the race with take() leaves its byte behind, and an undrained byte
-  // would make every later poll return at once (a busy loop until the next post).
+  // Empties the pipe, before `signalled` is reset: a writer that sets the flag after the
+  // reset writes a fresh byte, so ppoll cannot miss it. (One that set it before the reset
+  // may write its byte after the drain; run_once drains such a stale byte when poll shows
+  // it, or every later poll would return at once.)
   void drain() noexcept {
-    char buf[64];  // `signalled` lets at most one byte per wakeup in: one read empties it
+    char buf[64];
     while (::read(rfd, buf, sizeof buf) == sizeof buf) {
     }
   }
   void take(std::vector<std::function<void()>>& out) {
-    drain();
+    if (piped.exchange(false, std::memory_order_acquire)) drain();
     signalled.store(false, std::memory_order_release);
     std::lock_guard<std::mutex> lock(m);
     out.swap(items);
+  }
+  // The loop's blocking wait when it watches no fd (timeout < 0: no limit).
+  void sleep(std::chrono::steady_clock::duration timeout) {
+    if (signalled.load(std::memory_order_acquire)) return;  // skip the mutex when busy
+    std::unique_lock<std::mutex> lock(m);
+    if (signalled.load(std::memory_order_relaxed)) return;
+    sleeping = true;
+    auto woken = [this] { return signalled.load(std::memory_order_relaxed); };
+    if (timeout < timeout.zero())
+      cv.wait(lock, woken);
+    else
+      cv.wait_for(lock, std::min<std::chrono::steady_clock::duration>(timeout, std::chrono::hours(24)), woken);
+    sleeping = false;
   }
   void close() {
     std::vector<std::function<void()>> dropped;
@@ -1056,7 +1095,11 @@ inline bool loop_impl::run_once() {
     for (auto& fn : remote) fn();
     remote.clear();
   } else if (pipe_readable) {
-    box->drain();
+    // A writer that decided to write before take() may write after it: drain that byte, or
+    // every later poll would return at once.
+    char buf[64];
+    while (::read(box->rfd, buf, sizeof buf) == sizeof buf) {
+    }
   }
   if (pfds.size() > 1) {
     // Backwards, because a fired one-shot wait swaps the last entry into its place.
@@ -1158,6 +1201,11 @@ inline const char* loop_impl::who(const ready_item& it, std::string& name) const
 inline void loop_impl::wait(duration timeout) {
   if (timeout == duration::zero() && pfds.size() == 1) return;
   ++polls;
+  if (pfds.size() == 1) {  // only the inbox to wait for: a futex, not a pipe and ppoll
+    pfds[0].revents = 0;
+    box->sleep(timeout);
+    return;
+  }
   for (;;) {
     int n;
 #if defined(__linux__) || defined(__FreeBSD__) || defined(__OpenBSD__) || defined(__NetBSD__)
@@ -1654,8 +1702,10 @@ struct result_box {
   std::optional<T> value;
   std::exception_ptr error;
   template <class... A> void set(A&&... a) { value.emplace(std::forward<A>(a)...); }
+  // The error is released here, on the loop thread, not by whichever thread drops the
+  // last reference to the shared state.
   T take() {
-    if (error) std::rethrow_exception(error);
+    if (error) std::rethrow_exception(std::exchange(error, nullptr));
     return std::move(*value);
   }
 };
@@ -1663,8 +1713,8 @@ template <>
 struct result_box<void> {
   std::exception_ptr error;
   void set() noexcept {}
-  void take() const {
-    if (error) std::rethrow_exception(error);
+  void take() {
+    if (error) std::rethrow_exception(std::exchange(error, nullptr));
   }
 };
 
@@ -2087,7 +2137,22 @@ inline loop_impl::~loop_impl() {
     for (const ready_item& it : *q)
       if (it.run == &callback_node::run_timer || it.run == &callback_node::run_watch)
         static_cast<callback_node*>(it.arg)->unref();
-  for (callback_node* n = nodes; n; n = n->next_node) n->loop = nullptr;
+  // Timer and watch callbacks die with the loop, even while a callback_handle keeps its
+  // node: their captures may be tied to the loop. They are moved out first and destroyed
+  // after the walk, since a capture's destructor may drop another handle and free a node.
+  std::vector<std::function<void()>> dead_timer_fns;
+  std::vector<std::function<void(short)>> dead_watch_fns;
+  for (callback_node* n = nodes; n; n = n->next_node) {
+    if (n->on_timer) dead_timer_fns.push_back(std::move(n->on_timer));
+    if (n->on_fd) dead_watch_fns.push_back(std::move(n->on_fd));
+  }
+  for (callback_node* n = nodes; n; n = n->next_node) {
+    n->loop = nullptr;
+    n->active = false;
+  }
+  nodes = nullptr;
+  dead_timer_fns.clear();
+  dead_watch_fns.clear();
   for (auto& [name, e] : errors) {
     try {
       call_handler(name, e);

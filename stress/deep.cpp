@@ -1,0 +1,173 @@
+// stress/deep.cpp - long and deep chains of jobs on a 1 MiB stack. Built twice: into the
+// stress binary (CXXFLAGS) and on its own at -O0, where compilers are least likely to turn
+// symmetric transfer into a real tail call. Each case runs in a child process, so a stack
+// overflow fails its check instead of killing the suite.
+#include "common.hpp"
+
+namespace stress {
+namespace {
+
+constexpr std::size_t small_stack = 1 << 20;  // 1 MiB, as `ulimit -s 1024`
+
+long chain_length() { return sized(10'000'000, 10'000'000, 1'000'000); }
+int nesting_depth() { return 100'000; }
+
+job<int> one() {
+  live_frame f;
+  co_return 1;
+}
+
+job<long> chain(long n) {
+  long sum = 0;
+  for (long i = 0; i < n; ++i) sum += co_await one();
+  co_return sum;
+}
+
+job<int> depth(int n) {
+  live_frame f;
+  if (n == 0) co_return 0;
+  co_return 1 + co_await depth(n - 1);
+}
+
+// Like depth(), but the innermost job waits: for cancellation and loop destruction.
+job<int> depth_then_sleep(int n) {
+  live_frame f;
+  if (n == 0) {
+    co_await sleep_task(1h);
+    co_return 0;
+  }
+  co_return 1 + co_await depth_then_sleep(n - 1);
+}
+
+// Like depth(), but the innermost job throws; the top catches it.
+job<int> depth_then_throw(int n) {
+  live_frame f;
+  if (n == 0) throw std::runtime_error("bottom");
+  co_return 1 + co_await depth_then_throw(n - 1);
+}
+
+// Each child prints what it saw and exits 0 only if everything was as expected.
+int report(const char* what, bool ok, const std::string& detail) {
+  std::fprintf(stderr, "  child %s: %s (%s)\n", what, ok ? "ok" : "WRONG", detail.c_str());
+  return ok ? 0 : 1;
+}
+
+int chain_child() {
+  const long n = chain_length();
+  long got = -1;
+  on_small_stack(small_stack, [&] {
+    event_loop loop;
+    auto h = start_job(loop, chain(n));
+    loop.run();
+    got = h.done() ? h.result() : -1;
+  });
+  return report("chain", got == n && live_frame::live == 0,
+                "sum " + std::to_string(got) + ", live " + std::to_string(live_frame::live));
+}
+
+int depth_child() {
+  const int n = nesting_depth();
+  int got = -1;
+  on_small_stack(small_stack, [&] {
+    event_loop loop;
+    auto h = start_job(loop, depth(n));
+    loop.run();
+    got = h.done() ? h.result() : -1;
+  });
+  return report("depth", got == n && live_frame::live == 0,
+                "result " + std::to_string(got) + ", live " + std::to_string(live_frame::live));
+}
+
+int cancel_deep_child() {
+  const int n = nesting_depth();
+  std::string outcome = "not run";
+  long live_while_waiting = 0;
+  on_small_stack(small_stack, [&] {
+    event_loop loop;
+    auto h = start_job(loop, depth_then_sleep(n));
+    loop.run_once();
+    live_while_waiting = live_frame::live;
+    h.cancel();
+    loop.run();
+    try {
+      h.result();
+      outcome = "a value";
+    } catch (const job_cancelled&) {
+      outcome = "job_cancelled";
+    }
+  });
+  return report("cancel", outcome == "job_cancelled" && live_while_waiting == n + 1 && live_frame::live == 0,
+                outcome + ", live while waiting " + std::to_string(live_while_waiting) + ", after " +
+                    std::to_string(live_frame::live));
+}
+
+int throw_deep_child() {
+  const int n = nesting_depth();
+  std::string caught = "nothing";
+  on_small_stack(small_stack, [&] {
+    event_loop loop;
+    auto h = start_job(loop, depth_then_throw(n));
+    loop.run();
+    try {
+      h.result();
+    } catch (const std::runtime_error& e) {
+      caught = e.what();
+    }
+  });
+  return report("throw", caught == "bottom" && live_frame::live == 0,
+                "caught " + caught + ", live " + std::to_string(live_frame::live));
+}
+
+int destroy_deep_child() {
+  const int n = nesting_depth();
+  long live_before = 0;
+  on_small_stack(small_stack, [&] {
+    event_loop loop;
+    start_job(loop, depth_then_sleep(n));
+    loop.run_once();
+    live_before = live_frame::live;
+  });
+  return report("destroy", live_before == n + 1 && live_frame::live == 0,
+                "live before " + std::to_string(live_before) + ", after " + std::to_string(live_frame::live));
+}
+
+const register_child reg_chain("chain", chain_child);
+const register_child reg_depth("depth", depth_child);
+const register_child reg_cancel("cancel-deep", cancel_deep_child);
+const register_child reg_throw("throw-deep", throw_deep_child);
+const register_child reg_destroy("destroy-deep", destroy_deep_child);
+
+}  // namespace
+}  // namespace stress
+
+using namespace stress;
+
+TEST_CASE("a job awaiting 10,000,000 child jobs that complete at once runs on a 1 MiB stack") {
+  stopwatch w;
+  CHECK(spawn_child("chain") == "exit 0");
+  STRESS_REPORT("chain of " << chain_length() << " awaits, 1 MiB stack", w);
+}
+
+TEST_CASE("100,000 nested child jobs run on a 1 MiB stack") {
+  stopwatch w;
+  CHECK(spawn_child("depth") == "exit 0");
+  STRESS_REPORT(nesting_depth() << " nested jobs, 1 MiB stack", w);
+}
+
+TEST_CASE("cancelling a job 100,000 levels deep unwinds every level on a 1 MiB stack") {
+  stopwatch w;
+  CHECK(spawn_child("cancel-deep") == "exit 0");
+  STRESS_REPORT(nesting_depth() << " nested jobs cancelled, 1 MiB stack", w);
+}
+
+TEST_CASE("an exception thrown 100,000 levels deep reaches the top on a 1 MiB stack") {
+  stopwatch w;
+  CHECK(spawn_child("throw-deep") == "exit 0");
+  STRESS_REPORT(nesting_depth() << " nested jobs unwinding an exception, 1 MiB stack", w);
+}
+
+TEST_CASE("destroying a loop with 100,000 nested jobs pending works on a 1 MiB stack") {
+  stopwatch w;
+  CHECK(spawn_child("destroy-deep") == "exit 0");
+  STRESS_REPORT(nesting_depth() << " nested jobs destroyed with the loop, 1 MiB stack", w);
+}

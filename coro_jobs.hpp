@@ -509,8 +509,9 @@ inline time_point deadline_after(time_point now, duration d) noexcept {
 
 // --- Work items -------------------------------------------------------------------------
 
-// One entry of the ready queue: resume a coroutine (run == nullptr, arg = its address) or
-// call run(arg). Two words, trivially copyable: the hot path of every job switch.
+// One entry of the ready queue: resume a job (run == nullptr, arg = its job_ctx, which
+// holds the frame to resume) or call run(arg). Two words, trivially copyable: the hot path
+// of every job switch.
 struct ready_item {
   void (*run)(void*);
   void* arg;

@@ -1096,11 +1096,7 @@ inline bool loop_impl::run_once() {
     for (auto& fn : remote) fn();
     remote.clear();
   } else if (pipe_readable) {
-    // A writer that decided to write before take() may write after it: drain that byte, or
-    // every later poll would return at once.
-    char buf[64];
-    while (::read(box->rfd, buf, sizeof buf) == sizeof buf) {
-    }
+    box->drain();  // a stale byte (see inbox::drain): left there, every poll would return at once
   }
   if (pfds.size() > 1) {
     // Backwards, because a fired one-shot wait swaps the last entry into its place.

@@ -211,7 +211,7 @@ class event_loop {
   event_loop& operator=(const event_loop&) = delete;
 
   /// Runs iterations until quit() is called or nothing is pending (with a manual clock:
-  /// nothing but timers, which wait for advance()).
+  /// nothing but timers and callback tasks, which may wait for advance()).
   void run();
   /// One iteration; blocks if something is pending and nothing is ready. Returns whether
   /// anything is still pending.
@@ -546,7 +546,8 @@ struct inbox {
   std::vector<std::function<void()>> items;  // run on the loop thread; they only enqueue
   bool closed = false;
   bool sleeping = false;  // the loop waits on cv (guarded by m)
-  std::atomic<bool> piped{false};  // a byte is (or is about to be) in the pipe
+  std::atomic<bool> piped{false};    // a byte is (or is about to be) in the pipe
+  std::atomic<bool> polling{false};  // the loop is in (or about to enter) ppoll
   std::atomic<bool> signalled{false};
   std::atomic<bool> quit{false};
   int rfd = -1, wfd = -1;
@@ -588,10 +589,14 @@ struct inbox {
     signal(how);
   }
   // Under m: 0 nothing to do, 1 notify the sleeping loop, 2 write the pipe. The signal
-  // itself is sent after unlocking, so the woken loop does not block on our mutex.
+  // itself is sent after unlocking, so the woken loop does not block on our mutex. A busy
+  // loop needs neither: it reads `signalled` before it blocks. With loop_impl::wait this is
+  // Dekker's handshake (all seq_cst): either the loop sees our flag and does not block, or
+  // we see its `polling` and our byte wakes its ppoll.
   int decide() noexcept {
-    if (signalled.exchange(true, std::memory_order_acq_rel)) return 0;
+    if (signalled.exchange(true)) return 0;
     if (sleeping) return 1;
+    if (!polling.load()) return 0;
     piped.store(true, std::memory_order_relaxed);
     return 2;
   }
@@ -646,14 +651,24 @@ struct inbox {
 // Threads are started on demand up to `max` and then stay until the loop is destroyed. They
 // are detached and own the pool through a shared_ptr: the loop's destructor never waits for
 // a thread function that ignores its stop token.
+// One thread function on its way through the pool. The task is also the state the worker
+// and the awaiting job share, so a threaded_task costs one allocation (plus its completion's
+// trip through the inbox), not one per layer.
+struct pool_task {
+  virtual void run(std::shared_ptr<pool_task>& self) = 0;  // on a worker
+
+ protected:
+  ~pool_task() = default;
+};
+
 struct worker_pool {
   std::mutex m;
   std::condition_variable cv;
-  std::deque<std::function<void()>> queue;
+  std::deque<std::shared_ptr<pool_task>> queue;
   std::size_t max = 1, threads = 0, idle = 0;
   bool stopping = false;
 
-  static void submit(const std::shared_ptr<worker_pool>& p, std::function<void()> work) {
+  static void submit(const std::shared_ptr<worker_pool>& p, std::shared_ptr<pool_task> work) {
     std::unique_lock<std::mutex> lock(p->m);
     p->queue.push_back(std::move(work));
     if (p->idle >= p->queue.size() || p->threads >= p->max) {
@@ -682,14 +697,14 @@ struct worker_pool {
       auto work = std::move(queue.front());
       queue.pop_front();
       lock.unlock();
-      work();
+      work->run(work);
       work = nullptr;  // destroy captures outside the lock
       lock.lock();
     }
     --threads;
   }
   void stop() {
-    std::deque<std::function<void()>> dropped;
+    std::deque<std::shared_ptr<pool_task>> dropped;
     {
       std::lock_guard<std::mutex> lock(m);
       stopping = true;
@@ -736,6 +751,7 @@ struct child_link {
 struct job_ctx {
   loop_impl* loop = nullptr;
   op_base* pending = nullptr;       // the cancellable wait the job is suspended on, if any
+  op_base* branches = nullptr;      // a when_all/when_any whose branches it owns, if any
   child_link* innermost = nullptr;  // the chain of children being awaited
   std::coroutine_handle<> root;     // the top frame, until it ends
   std::coroutine_handle<> resume_at;  // the frame to resume when its ready item runs
@@ -835,6 +851,7 @@ struct loop_impl {
 
   std::shared_ptr<worker_pool> pool = std::make_shared<worker_pool>();
   std::size_t outstanding = 0;  // thread functions running + callback tasks waiting
+  std::size_t threads_out = 0;  // thread functions running (they wake the loop by themselves)
   std::uint64_t iterations = 0, polls = 0;  // for stats(): benchmarks and the idle test
 
   job_ctx* jobs = nullptr;  // live jobs, newest first
@@ -1080,9 +1097,11 @@ inline bool loop_impl::run_once() {
     wait(duration::zero());
   } else if (!timers.empty()) {
     drop_dead_front();
-    // A manual clock never blocks on a timer: time moves only through advance().
+    // A manual clock never waits for a timer (time moves only through advance()), but it
+    // still blocks for what can wake it: a worker, a callback, an fd.
+    const bool waker = threads_out > 0 || pfds.size() > 1;
     wait(timers.empty() ? duration(-1)
-         : manual       ? duration::zero()
+         : manual       ? (waker ? duration(-1) : duration::zero())
                         : std::max(timers.front().deadline - clock_type::now(), duration::zero()));
   } else {
     wait(duration(-1));
@@ -1148,18 +1167,19 @@ inline void loop_impl::run_items_watched() {
     for (; i < running.size(); ++i) {
       const ready_item it = running[i];
       const bool is_job = !it.run || it.run == &run_start;
-      auto* j = static_cast<job_ctx*>(it.arg);
-      if (is_job) ++j->refs;
+      auto* j = is_job ? static_cast<job_ctx*>(it.arg) : nullptr;
+      if (j) ++j->refs;
+      struct hold {
+        job_ctx* j;
+        ~hold() {
+          if (j) j->release();
+        }
+      } keep{j};
       const auto t0 = clock_type::now();
-      try {
-        if (!it.run)
-          resume_job(j);
-        else
-          it.run(it.arg);
-      } catch (...) {
-        if (is_job) j->release();
-        throw;
-      }
+      if (!it.run)
+        resume_job(j);
+      else
+        it.run(it.arg);
       const auto held = clock_type::now() - t0;
       if (held > watchdog) {
         const char* w = who(it, name);
@@ -1172,7 +1192,6 @@ inline void loop_impl::run_items_watched() {
                         std::to_string(us / 1000) + "." + std::to_string(us % 1000 / 100) + " ms")));
         }
       }
-      if (is_job) j->release();
     }
   } catch (...) {
     ready.insert(ready.begin(), running.begin() + std::ptrdiff_t(i) + 1, running.end());
@@ -1189,7 +1208,8 @@ inline const char* loop_impl::who(const ready_item& it, std::string& name) const
   if (it.run == &run_posted) return "post";
   if (it.run == &callback_node::run_timer) return "call_later";
   if (it.run == &callback_node::run_watch) return "watch";
-  return "error handler";
+  if (it.run == &run_report) return "error handler";
+  return "progress";
 }
 
 // Blocks in ppoll (nanosecond timeout) for at most `timeout` (negative: no limit). When
@@ -1203,6 +1223,13 @@ inline void loop_impl::wait(duration timeout) {
     box->sleep(timeout);
     return;
   }
+  // Writers write the pipe only while we poll (see inbox::decide): announce it, then look.
+  box->polling.store(true);
+  struct not_polling {
+    inbox& b;
+    ~not_polling() { b.polling.store(false, std::memory_order_relaxed); }
+  } guard{*box};
+  if (box->signalled.load()) timeout = duration::zero();  // work is in: just look at the fds
   for (;;) {
     int n;
 #if defined(__linux__) || defined(__FreeBSD__) || defined(__OpenBSD__) || defined(__NetBSD__)
@@ -1273,6 +1300,7 @@ inline void callback_node::run_watch(void* self) {
   n->unref();
 }
 inline void callback_node::fire_timer(void* self, loop_impl& l) {
+  static_cast<callback_node*>(self)->seq = 0;  // out of the heap: cancel() must not mark it
   l.ready.push_back({&run_timer, self});  // hands the heap's reference to the ready item
 }
 inline void callback_node::run_timer(void* self) {
@@ -1335,10 +1363,11 @@ inline void loop_impl::finish_now(job_ctx* j) {
     unqueue(&run_start, j);
     run_start(j);
   } else {
-    op_base* p = j->pending;
     j->cancel();
-    if (p) p->unwind_branches();
-    if (j->resume_at) {
+    // A when_all/when_any (waiting for its answer, or for its branches after it) has
+    // branches that must end first, or the job would wait for them again.
+    if (j->branches) j->branches->unwind_branches();
+    while (!j->done && j->resume_at) {  // a cancelled job's awaits throw: this ends
       unqueue(nullptr, j);
       resume_job(j);
     }
@@ -1725,6 +1754,36 @@ struct thread_shared {
   bool abandoned = false;
 };
 
+// The function, its result and the way back to the loop, in one allocation.
+template <class R, class Fn>
+struct thread_work final : pool_task, thread_shared<R> {
+  std::optional<Fn> fn;
+  std::shared_ptr<inbox> box;  // outlives the loop, for a worker that finishes late
+  loop_impl* loop;
+
+  thread_work(Fn f, std::shared_ptr<inbox> b, loop_impl* l) : fn(std::move(f)), box(std::move(b)), loop(l) {}
+  void run(std::shared_ptr<pool_task>& self) override {
+    try {
+      if constexpr (std::is_void_v<R>)
+        (*fn)(this->stop.get_token());
+      else
+        this->result.set((*fn)(this->stop.get_token()));
+    } catch (...) {
+      this->result.error = std::current_exception();
+    }
+    fn.reset();  // the function's captures die on the worker, as with std::thread
+    std::shared_ptr<inbox> b = box;
+    b->push([me = std::static_pointer_cast<thread_work>(std::move(self))] { me->arrived(); });
+  }
+  void arrived() {  // on the loop thread
+    --loop->outstanding;
+    --loop->threads_out;
+    if (this->abandoned) return;
+    this->op->ctx_->pending = nullptr;
+    loop->enqueue(this->op->ctx_, this->op->waiter_);
+  }
+};
+
 template <class R, class Fn>
 class thread_op final : public op_base {
  public:
@@ -1735,28 +1794,13 @@ class thread_op final : public op_base {
   }
   void await_suspend(std::coroutine_handle<> h) {
     loop_impl& l = *ctx_->loop;
-    sh_ = std::make_shared<thread_shared<R>>();
-    sh_->op = this;
+    auto work = std::make_shared<thread_work<R, Fn>>(std::move(fn_), l.box, &l);
+    work->op = this;
+    sh_ = work;
     waiter_ = h;
-    worker_pool::submit(l.pool, [fn = std::make_shared<Fn>(std::move(fn_)), sh = sh_, box = l.box,
-                                 lp = &l]() mutable {
-      try {
-        if constexpr (std::is_void_v<R>)
-          (*fn)(sh->stop.get_token());
-        else
-          sh->result.set((*fn)(sh->stop.get_token()));
-      } catch (...) {
-        sh->result.error = std::current_exception();
-      }
-      fn.reset();  // the function's captures die on the worker, as with std::thread
-      box->push([sh = std::move(sh), lp] {
-        --lp->outstanding;
-        if (sh->abandoned) return;
-        sh->op->ctx_->pending = nullptr;
-        lp->enqueue(sh->op->ctx_, sh->op->waiter_);
-      });
-    });
+    worker_pool::submit(l.pool, std::move(work));
     ++l.outstanding;
+    ++l.threads_out;
     park();
   }
   R await_resume() {
@@ -1923,6 +1967,7 @@ struct group final : op_base {
   group(const group&) = delete;
   group& operator=(const group&) = delete;
   ~group() {
+    if (ctx_ && ctx_->branches == this) ctx_->branches = nullptr;
     for (job_ctx* b : branches) b->release();
   }
   const char* what() const noexcept override { return kind; }
@@ -2019,8 +2064,14 @@ template <class... A, std::size_t... I>
 void start_branches(group& g, std::tuple<std::optional<await_value_t<A>>...>& slots,
                     std::index_sequence<I...>, A&... a) {
   loop_impl& l = *g.ctx_->loop;
+  g.ctx_->branches = &g;  // for job_ctx::finish_now
   const std::string base = (g.ctx_->name.empty() ? std::string("job") : g.ctx_->name) + "/" + g.kind;
   g.left = sizeof...(A);
+  auto own_handle = [&](auto& x) {
+    if constexpr (is_handle<std::remove_cvref_t<decltype(x)>>::value)
+      if (access::state(x) == g.ctx_) fail_logic("coro_jobs: a job cannot wait for its own handle");
+  };
+  (own_handle(a), ...);
   auto one = [&](auto&& j, std::size_t i) {
     auto h = start_job(*l.self, std::move(j), base + "[" + std::to_string(i) + "]");
     job_ctx* c = access::state(h);
@@ -2183,7 +2234,7 @@ inline bool callback_handle::cancel() {
   n_->loop->check_thread("coro_jobs: callback_handle::cancel called from a thread that does not own the loop");
   n_->active = false;
   if (n_->is_timer) {
-    n_->loop->cancel_timer(n_->seq);
+    if (n_->seq) n_->loop->cancel_timer(n_->seq);  // 0: due, queued to run; `active` stops it
     n_->on_timer = nullptr;  // free its captures now; it is not running (it was active)
   } else {
     n_->loop->remove_fd(n_);
@@ -2230,18 +2281,22 @@ inline void event_loop::run() {
   while (!l.box->quit.exchange(false) && run_once()) {
     // With a manual clock, timers alone cannot make progress: return and let the caller
     // advance() the clock, instead of spinning.
-    if (l.manual && l.ready.empty() && l.pfds.size() == 1 && l.outstanding == 0 &&
+    // (Callback tasks may be waiting for a timer too; a thread function or an fd would wake us.)
+    if (l.manual && l.ready.empty() && l.pfds.size() == 1 && l.threads_out == 0 &&
         !l.box->signalled.load(std::memory_order_acquire))
       break;
   }
 }
 inline void event_loop::quit() noexcept {
-  impl_->box->quit.store(true);
-  impl_->box->wake();
+  // Held: the loop thread may destroy the loop as soon as it sees the flag.
+  const std::shared_ptr<detail::inbox> box = impl_->box;
+  box->quit.store(true);
+  box->wake();
 }
 inline void event_loop::post(std::function<void()> fn) {
   if (!fn) throw std::invalid_argument("coro_jobs: post of an empty function");
-  impl_->box->push([l = impl_.get(), f = std::move(fn)]() mutable {
+  const std::shared_ptr<detail::inbox> box = impl_->box;  // see quit()
+  box->push([l = impl_.get(), f = std::move(fn)]() mutable {
     l->posted.push_back(std::move(f));
     l->ready.push_back({&detail::loop_impl::run_posted, l});
   });
@@ -2319,8 +2374,11 @@ inline void event_loop::advance_impl(detail::duration d) {
   if (l.in_iteration) detail::fail_logic("coro_jobs: advance() called from inside the loop");
   if (d < detail::duration::zero()) throw std::invalid_argument("coro_jobs: advance() by a negative duration");
   const auto target = detail::deadline_after(l.manual_now, d);
-  auto settle = [&] {  // run what is ready now, and what that makes ready
-    while (!l.ready.empty() || l.box->signalled.load(std::memory_order_acquire)) run_once();
+  // Run what is ready, and what that makes ready; bounded, so that a job that keeps
+  // yielding until a timer fires cannot keep the clock from moving.
+  auto settle = [&] {
+    for (int i = 0; i < 1000 && (!l.ready.empty() || l.box->signalled.load(std::memory_order_acquire)); ++i)
+      run_once();
   };
   settle();
   for (;;) {
@@ -2541,6 +2599,7 @@ progress<T>::progress(std::function<void(T)> on_progress)
 template <class T>
 progress<T>::~progress() {
   st_->alive = false;
+  st_->on_progress = nullptr;  // its captures die here, on the loop thread, not on a worker
 }
 
 // ---- Job scopes
@@ -2548,7 +2607,10 @@ progress<T>::~progress() {
 inline job_scope::job_scope(event_loop& loop, restart policy)
     : loop_(&detail::access::impl(loop)), policy_(policy) {}
 inline job_scope::~job_scope() {
-  cancel_all();
+  // Again while jobs started by catch blocks during the last round remain (bounded, in case
+  // every unwinding starts another).
+  for (int round = 0; round < 1000 && cancel_all() > 0; ++round) {
+  }
   for (detail::job_ctx* j : jobs_) j->release();
 }
 inline std::size_t job_scope::size() {
@@ -2559,13 +2621,17 @@ inline std::size_t job_scope::size() {
 inline std::size_t job_scope::cancel_all() {
   // Newest first, as the loop's destructor does. A job started during this (by a catch
   // block) is not in the copy: it is cancelled by the next cancel_all or the destructor.
-  const std::vector<detail::job_ctx*> snapshot(jobs_.rbegin(), jobs_.rend());
+  // Each entry is held: an unwinding job may start another, and adopt() then drops ended
+  // jobs from jobs_.
+  std::vector<detail::job_ctx*> snapshot(jobs_.rbegin(), jobs_.rend());
+  for (detail::job_ctx* j : snapshot) ++j->refs;
   std::size_t n = 0;
   for (detail::job_ctx* j : snapshot) {
     if (j->done) continue;
     ++n;
     j->loop->finish_now(j);
   }
+  for (detail::job_ctx* j : snapshot) j->release();
   return n;
 }
 template <class T>
@@ -2594,12 +2660,18 @@ template <class T>
 std::optional<job_handle<T>> job_scope::apply_policy(const std::string& name, restart policy) {
   loop_->check_thread("coro_jobs: job_scope used from a thread that does not own the loop");
   if (policy == restart::run_another || name.empty()) return std::nullopt;
+  if (policy == restart::cancel_previous) {
+    std::vector<detail::job_ctx*> previous;  // held: unwinding may start jobs (see cancel_all)
+    for (detail::job_ctx* old : jobs_)
+      if (!old->done && old->name == name) previous.push_back(old), ++old->refs;
+    for (detail::job_ctx* old : previous) {
+      if (!old->done) old->loop->finish_now(old);
+      old->release();
+    }
+    return std::nullopt;
+  }
   for (detail::job_ctx* old : jobs_) {
     if (old->done || old->name != name) continue;
-    if (policy == restart::cancel_previous) {
-      old->loop->finish_now(old);
-      continue;
-    }
     auto* s = dynamic_cast<detail::job_state<T>*>(old);
     if (!s) detail::fail_logic("coro_jobs: job_scope: a running job of that name has another result type");
     job_handle<T> h;

@@ -1706,3 +1706,172 @@ TEST_CASE("run() on a manual clock returns when only timers are left, instead of
   loop.advance(1s);
   CHECK(h.result() == 1);
 }
+
+TEST_CASE("a post from another thread wakes a loop that waits in poll on an fd, every time") {
+  event_loop loop;
+  pipe_fds p;
+  auto w = loop.watch(p.r, POLLIN, [](short) {});  // never ready: the loop waits in ppoll
+  for (int round = 0; round < 200; ++round) {
+    std::atomic<bool> ran{false};
+    std::thread other([&] { loop.post([&] { ran = true; }); });
+    CHECK(run_until(loop, [&] { return ran.load(); }, 5s));
+    other.join();
+  }
+  w.cancel();
+}
+
+TEST_CASE("a post from another thread wakes a loop asleep on its futex (no fd watched), every time") {
+  event_loop loop;
+  auto keep = loop.call_later(1h, [] {});  // pending, so the loop blocks
+  for (int round = 0; round < 200; ++round) {
+    std::atomic<bool> ran{false};
+    std::thread other([&] { loop.post([&] { ran = true; }); });
+    CHECK(run_until(loop, [&] { return ran.load(); }, 5s));
+    other.join();
+  }
+  keep.cancel();
+}
+
+// ------------------------------------------------- regressions found by review
+
+TEST_CASE("cancelling a timer that is due but has not run yet leaves nothing pending") {
+  event_loop loop;
+  callback_handle second;
+  bool ran2 = false;
+  auto first = loop.call_later(5ms, [&] { CHECK(second.cancel()); });
+  second = loop.call_later(5ms, [&] { ran2 = true; });  // same deadline: due in the same iteration
+  CHECK(run_until(loop, [&] { return !first.active(); }));
+  CHECK(loop.stats().timers == 0);
+  drain(loop);
+  CHECK_FALSE(ran2);
+}
+
+TEST_CASE("advance() moves the clock even while a job keeps yielding until a timer fires") {
+  event_loop loop(manual());
+  bool flag = false;
+  auto t = loop.call_later(10ms, [&] { flag = true; });
+  auto h = start_job(loop, [&]() -> job<> {
+    while (!flag) co_await sleep_task(0s);
+  });
+  loop.advance(20ms);
+  CHECK(h.done());
+}
+
+TEST_CASE("on a manual clock the loop blocks for a thread function instead of spinning") {
+  event_loop loop(manual());
+  std::atomic<bool> go{false};
+  auto t = loop.call_later(1h, [] {});
+  auto h = start_job(loop, [&]() -> job<> {
+    co_await threaded_task([&] {
+      while (!go) std::this_thread::yield();
+    });
+  });
+  loop.run_once();  // starts the job and its thread function
+  std::thread release([&] {
+    std::this_thread::sleep_for(50ms);  // the behaviour under test is the loop's wait meanwhile
+    go = true;
+  });
+  const auto before = loop.stats().iterations;
+  loop.run();  // returns once only the timer is left
+  release.join();
+  CHECK(h.done());
+  CHECK(loop.stats().iterations - before < 100);
+}
+
+TEST_CASE("a throwing watchdog handler leaks nothing and leaves run_once") {
+  event_loop loop;
+  loop.set_watchdog(1ms, [](std::string_view, steady_clock::duration) { throw std::runtime_error("slow"); });
+  auto h = start_job(loop, []() -> job<> {
+    const auto end = steady_clock::now() + 5ms;
+    while (steady_clock::now() < end) {
+    }
+    co_return;
+  });
+  CHECK_THROWS_AS(loop.run_once(), std::runtime_error);
+  CHECK(h.done());
+}
+
+TEST_CASE("the watchdog names a slow progress callback \"progress\"") {
+  event_loop loop;
+  std::string who;
+  loop.set_watchdog(1ms, [&](std::string_view w, steady_clock::duration) { who = w; });
+  progress<int> p(loop, [](int) {
+    const auto end = steady_clock::now() + 5ms;
+    while (steady_clock::now() < end) {
+    }
+  });
+  p.get_reporter()(1);
+  CHECK(run_until(loop, [&] { return !who.empty(); }));
+  CHECK(who == "progress");
+}
+
+TEST_CASE("cancel_all finishes a job whose when_any already has its winner") {
+  event_loop loop;
+  bool quick_done = false;
+  int status = 0;
+  job_handle<> h;
+  {
+    job_scope scope(loop);
+    h = scope.start([&]() -> job<> {
+      auto quick = [](bool* f) -> job<int> {
+        co_await sleep_task(0s);
+        *f = true;
+        co_return 1;
+      };
+      try {
+        co_await when_any(quick(&quick_done), after(1h, 2));
+      } catch (...) {
+      }
+      status = 1;
+    }, "J");
+    CHECK(run_until(loop, [&] { return quick_done; }));
+    CHECK(scope.cancel_all() == 1);
+    CHECK(h.done());
+  }
+  const int after_close = status;
+  drain(loop);
+  CHECK(status == after_close);
+}
+
+TEST_CASE("jobs started by catch blocks while a scope unwinds are cancelled too") {
+  event_loop loop(manual());
+  live::count = 0;
+  {
+    job_scope scope(loop, restart::cancel_previous);
+    auto saver = [&scope]() -> job<> {
+      try {
+        co_await sleep_task(1h);
+      } catch (const job_cancelled&) {
+        scope.start([]() -> job<> {  // e.g. "save state" on close
+          live guard;
+          co_await sleep_task(1h);
+        }, "save");
+        throw;
+      }
+    };
+    scope.start(saver, "a");
+    scope.start(saver, "b");
+    loop.advance(1ms);
+    scope.start(saver, "a");  // cancel_previous: a's catch block starts "save"
+    loop.advance(1ms);
+    scope.cancel_all();       // and again, for b and the new a
+  }
+  CHECK(live::count == 0);
+  CHECK(loop.stats().jobs == 0);
+}
+
+TEST_CASE("when_all or with_timeout of a job's own handle throws std::logic_error instead of hanging") {
+  event_loop loop(manual());
+  job_handle<> self;
+  bool threw = false;
+  self = start_job(loop, [&]() -> job<> {
+    try {
+      co_await with_timeout(1s, self);
+    } catch (const std::logic_error&) {
+      threw = true;
+    }
+  });
+  loop.advance(1ms);
+  CHECK(threw);
+  CHECK(self.done());
+}

@@ -1707,28 +1707,30 @@ TEST_CASE("run() on a manual clock returns when only timers are left, instead of
   CHECK(h.result() == 1);
 }
 
-TEST_CASE("a post from another thread wakes a loop that waits in poll on an fd, every time") {
-  event_loop loop;
-  pipe_fds p;
-  auto w = loop.watch(p.r, POLLIN, [](short) {});  // never ready: the loop waits in ppoll
+namespace {
+// 200 rounds of: another thread posts while the loop blocks; a lost wakeup fails a round.
+void posts_from_another_thread_wake(event_loop& loop) {
   for (int round = 0; round < 200; ++round) {
     std::atomic<bool> ran{false};
     std::thread other([&] { loop.post([&] { ran = true; }); });
     CHECK(run_until(loop, [&] { return ran.load(); }, 5s));
     other.join();
   }
+}
+}  // namespace
+
+TEST_CASE("a post from another thread wakes a loop that waits in poll on an fd, every time") {
+  event_loop loop;
+  pipe_fds p;
+  auto w = loop.watch(p.r, POLLIN, [](short) {});  // never ready: the loop waits in ppoll
+  posts_from_another_thread_wake(loop);
   w.cancel();
 }
 
 TEST_CASE("a post from another thread wakes a loop asleep on its futex (no fd watched), every time") {
   event_loop loop;
   auto keep = loop.call_later(1h, [] {});  // pending, so the loop blocks
-  for (int round = 0; round < 200; ++round) {
-    std::atomic<bool> ran{false};
-    std::thread other([&] { loop.post([&] { ran = true; }); });
-    CHECK(run_until(loop, [&] { return ran.load(); }, 5s));
-    other.join();
-  }
+  posts_from_another_thread_wake(loop);
   keep.cancel();
 }
 

@@ -4,6 +4,7 @@
 #define CORO_JOBS_BENCH_COMMON_HPP
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
@@ -11,6 +12,7 @@
 #include <cstring>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <sys/resource.h>
@@ -131,6 +133,24 @@ inline void report_lateness_us(const char* w, const char* prefix, std::vector<do
   result(w, (m + "_late_p50_us").c_str(), quantile(late_us, 0.50));
   result(w, (m + "_late_p99_us").c_str(), quantile(late_us, 0.99));
   result(w, (m + "_late_max_us").c_str(), mx);
+}
+
+// W2's figures, the same for every system: late holds each job's lateness in ms.
+inline void report_w2(int n, double wall_s, long rss0, long rss1, std::vector<float>& late) {
+  check(*std::min_element(late.begin(), late.end()) >= 0, "W2", "a sleep ended early");
+  result("W2", "jobs", n);
+  result("W2", "wall_s", wall_s);
+  result("W2", "bytes_per_job", double(rss1 - rss0) / n);
+  result("W2", "late_p50_ms", quantile(late, 0.50));
+  result("W2", "late_p99_ms", quantile(late, 0.99));
+}
+
+// W3's function, run by every system's pool; it counts the calls made off the loop thread.
+inline std::thread::id loop_thread;
+inline std::atomic<long> off_loop{0};
+inline int trivial(int x) {
+  if (std::this_thread::get_id() != loop_thread) off_loop.fetch_add(1, std::memory_order_relaxed);
+  return x + 1;
 }
 
 }  // namespace bench

@@ -109,23 +109,14 @@ void w2(const bench::options& o) {
   const auto t1 = clk::now();
   const long rss1 = bench::peak_rss();
   bench::check(done == n, "W2", "not every job ended");
-  bench::check(*std::min_element(late.begin(), late.end()) >= 0, "W2", "a sleep ended early");
-  bench::result("W2", "jobs", n);
-  bench::result("W2", "wall_s", bench::seconds(t1 - t0));
-  bench::result("W2", "bytes_per_job", double(rss1 - rss0) / n);
-  bench::result("W2", "late_p50_ms", bench::quantile(late, 0.50));
-  bench::result("W2", "late_p99_ms", bench::quantile(late, 0.99));
+  bench::report_w2(n, bench::seconds(t1 - t0), rss0, rss1, late);
 }
 
 // ---- W3: threaded round trips --------------------------------------------------------
 
-std::thread::id loop_thread;
-std::atomic<long> off_loop{0};
-
-int trivial(int x) {
-  if (std::this_thread::get_id() != loop_thread) off_loop.fetch_add(1, std::memory_order_relaxed);
-  return x + 1;
-}
+using bench::loop_thread;
+using bench::off_loop;
+using bench::trivial;
 
 job<void> round_trips(int n, long& sum) {
   for (int i = 0; i < n; ++i) {

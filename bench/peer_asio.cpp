@@ -72,22 +72,14 @@ void w2(const bench::options& o) {
   const auto t1 = clk::now();
   const long rss1 = bench::peak_rss();
   bench::check(done == n, "W2", "not every job ended");
-  bench::result("W2", "jobs", n);
-  bench::result("W2", "wall_s", bench::seconds(t1 - t0));
-  bench::result("W2", "bytes_per_job", double(rss1 - rss0) / n);
-  bench::result("W2", "late_p50_ms", bench::quantile(late, 0.50));
-  bench::result("W2", "late_p99_ms", bench::quantile(late, 0.99));
+  bench::report_w2(n, bench::seconds(t1 - t0), rss0, rss1, late);
 }
 
 // ---- W3: threaded round trips --------------------------------------------------------
 
-std::thread::id loop_thread;
-std::atomic<long> off_loop{0};
-
-int trivial(int x) {
-  if (std::this_thread::get_id() != loop_thread) off_loop.fetch_add(1, std::memory_order_relaxed);
-  return x + 1;
-}
+using bench::loop_thread;
+using bench::off_loop;
+using bench::trivial;
 
 // co_await on_pool(pool, x, use_awaitable): trivial(x) runs on the pool; the completion is
 // posted back to the awaiting coroutine's executor (the io_context), which a work guard

@@ -1078,8 +1078,8 @@ struct loop_impl {
 };
 
 // One iteration, asyncio's _run_once in four steps:
-//   1. poll: without blocking if work is ready, else until the nearest timer, else until an
-//      fd or the inbox wakes us; nothing pending at all: return false.
+//   1. wait: not at all if work is ready, else until the nearest timer, else until an fd or
+//      the inbox wakes us (ppoll; a futex when no fd is watched); nothing pending: return false.
 //   2. collect: cross-thread completions, fd events and due timers only enqueue work;
 //   3. run the ready snapshot: only what was ready when this step began, so a job that
 //      keeps yielding cannot starve timers or fds (its next turn is the next iteration);

@@ -153,6 +153,22 @@ inline int trivial(int x) {
   return x + 1;
 }
 
+// W5's figures: CPU time, blocking waits (ours: polls; peers: context switches), switches.
+inline void report_w5(double cpu_s, long blocking_waits, long ctx_switches) {
+  result("W5", "cpu_ms", cpu_s * 1e3);
+  result("W5", "blocking_waits", double(blocking_waits));
+  result("W5", "ctx_switches", double(ctx_switches));
+}
+
+// Every program's main: the workloads W1..W5 that --only selects, in order.
+template <class... W>
+int run_workloads(int argc, char** argv, W... w) {
+  const auto o = parse(argc, argv);
+  int i = 0;
+  ((++i, o.want(("W" + std::to_string(i)).c_str()) ? w(o) : void()), ...);
+  return 0;
+}
+
 }  // namespace bench
 
 #endif

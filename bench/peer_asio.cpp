@@ -186,19 +186,9 @@ void w5(const bench::options& o) {
   const long blocks1 = bench::thread_blocks();
   const double cpu1 = bench::cpu_seconds();
   bench::check(done, "W5", "the job did not end");
-  bench::result("W5", "cpu_ms", (cpu1 - cpu0) * 1e3);
-  bench::result("W5", "blocking_waits", double(blocks1 - blocks0));
-  bench::result("W5", "ctx_switches", double(blocks1 - blocks0));
+  bench::report_w5(cpu1 - cpu0, blocks1 - blocks0, blocks1 - blocks0);
 }
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  const auto o = bench::parse(argc, argv);
-  if (o.want("W1")) w1(o);
-  if (o.want("W2")) w2(o);
-  if (o.want("W3")) w3(o);
-  if (o.want("W4")) w4(o);
-  if (o.want("W5")) w5(o);
-  return 0;
-}
+int main(int argc, char** argv) { return bench::run_workloads(argc, argv, w1, w2, w3, w4, w5); }

@@ -8,6 +8,7 @@
 #include <pthread.h>
 #include <sys/resource.h>
 
+#include <array>
 #include <atomic>
 #include <cstring>
 #include <fstream>
@@ -157,6 +158,37 @@ TEST_CASE("a move-only result can be taken from the handle once") {
   REQUIRE(p);
   CHECK(*p == 7);
   CHECK_THROWS_AS(h.result(), std::logic_error);
+}
+
+struct alignas(64) over_aligned {
+  int v;
+};
+
+// A job's state is built in a room in front of its root frame (one allocation per job),
+// unless the result is large or over-aligned; either way it outlives the frame.
+TEST_CASE("a result of any size or alignment outlives the job's frame until the last handle goes") {
+  event_loop loop;
+  const int live_before = live::count;
+  auto small = start_job(loop, []() -> job<int> { co_return 1; });
+  auto big = start_job(loop, []() -> job<std::array<char, 4096>> {
+    std::array<char, 4096> a{};
+    a[4095] = 'z';
+    co_return a;
+  });
+  auto aligned = start_job(loop, []() -> job<over_aligned> { co_return over_aligned{3}; });
+  {
+    auto counted = start_job(loop, []() -> job<live> { co_return live{}; });
+    drain(loop);
+    REQUIRE(counted.done());
+    CHECK(live::count == live_before + 1);  // the frame is gone; the state holds the value
+    auto copy = counted;
+  }
+  CHECK(live::count == live_before);  // the last handle freed the state and its value
+  CHECK(small.result() == 1);
+  CHECK(big.result()[4095] == 'z');
+  const auto a = aligned.result();
+  CHECK(a.v == 3);
+  CHECK(reinterpret_cast<std::uintptr_t>(&a) % 64 == 0);
 }
 
 TEST_CASE("start_job with a capturing lambda keeps its captures alive until the job ends") {

@@ -668,14 +668,15 @@ struct worker_pool {
   std::size_t max = 1, threads = 0, idle = 0;
   bool stopping = false;
 
+  // Queues work without waking anyone: the loop calls kick() once per iteration, after its
+  // ready snapshot ran. So 64 jobs that each submit a function cost one wakeup, not 64, and
+  // a woken worker does not preempt the loop in mid-iteration on a small machine (bench W3,
+  // 64 concurrent jobs on 2 cores: 2 us per round trip before, 0.4 us after). A thread is
+  // started at once if the pool may grow and every thread is busy.
   static void submit(const std::shared_ptr<worker_pool>& p, std::shared_ptr<pool_task> work) {
-    std::unique_lock<std::mutex> lock(p->m);
+    std::lock_guard<std::mutex> lock(p->m);
     p->queue.push_back(std::move(work));
-    if (p->idle >= p->queue.size() || p->threads >= p->max) {
-      lock.unlock();
-      p->cv.notify_one();
-      return;
-    }
+    if (p->idle >= p->queue.size() || p->threads >= p->max) return;
     ++p->threads;
     try {
       std::thread([p] { p->work_loop(); }).detach();
@@ -684,6 +685,15 @@ struct worker_pool {
       p->queue.pop_back();
       throw;
     }
+  }
+  // Wakes as many idle workers as there is queued work (busy ones take more by themselves).
+  void kick() {
+    std::size_t n;
+    {
+      std::lock_guard<std::mutex> lock(m);
+      n = std::min(idle, queue.size());
+    }
+    while (n-- > 0) cv.notify_one();
   }
   void work_loop() {
     std::unique_lock<std::mutex> lock(m);
@@ -947,6 +957,10 @@ struct loop_impl {
   std::deque<std::function<void()>> posted;   // posted callbacks, in FIFO order
 
   std::shared_ptr<worker_pool> pool = std::make_shared<worker_pool>();
+  bool kick_pool = false;       // work was submitted to the pool since its last kick()
+  void kick_pool_if_needed() {
+    if (std::exchange(kick_pool, false)) pool->kick();
+  }
   std::size_t outstanding = 0;  // thread functions running + callback tasks waiting
   std::size_t threads_out = 0;  // thread functions running (they wake the loop by themselves)
   std::uint64_t iterations = 0, polls = 0;  // for stats(): benchmarks and the idle test
@@ -1235,6 +1249,7 @@ inline bool loop_impl::run_once() {
   else
     run_items();
   running.clear();
+  kick_pool_if_needed();
   return pending();
 }
 
@@ -1318,6 +1333,7 @@ inline const char* loop_impl::who(const ready_item& it, std::string& name) const
 inline void loop_impl::wait(duration timeout) {
   if (timeout == duration::zero() && pfds.size() == 1) return;
   ++polls;
+  kick_pool_if_needed();  // before blocking, whatever ran outside an iteration (job scopes)
   if (pfds.size() == 1) {  // only the inbox to wait for: a futex, not a pipe and ppoll
     pfds[0].revents = 0;
     box->sleep(timeout);
@@ -1905,6 +1921,7 @@ class thread_op final : public op_base {
     sh_ = work;
     waiter_ = h;
     worker_pool::submit(l.pool, std::move(work));
+    l.kick_pool = true;
     ++l.outstanding;
     ++l.threads_out;
     park();

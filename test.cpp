@@ -704,6 +704,26 @@ TEST_CASE("threaded_task uses at most the configured number of worker threads") 
   CHECK(threads.size() <= 2);
 }
 
+// Submitted functions wait for the loop's kick at the end of the iteration: it must wake
+// every idle worker that has work, or these rendezvous would time out.
+TEST_CASE("thread functions submitted in one iteration run side by side on idle workers") {
+  event_loop loop(2);
+  for (int round = 0; round < 3; ++round) {  // round 0 starts the threads; later rounds wake them
+    std::atomic<int> arrived{0};
+    auto meet = [&arrived] {
+      ++arrived;
+      const auto stop = steady_clock::now() + 5s;
+      while (arrived < 2 && steady_clock::now() < stop) std::this_thread::yield();
+      return arrived >= 2;
+    };
+    auto a = start_job(loop, [&]() -> job<bool> { co_return co_await threaded_task(meet); });
+    auto b = start_job(loop, [&]() -> job<bool> { co_return co_await threaded_task(meet); });
+    REQUIRE(run_until(loop, [&] { return a.done() && b.done(); }));
+    CHECK(a.result());
+    CHECK(b.result());
+  }
+}
+
 TEST_CASE("threaded_task moves move-only arguments and results across threads") {
   event_loop loop;
   auto h = start_job(loop, []() -> job<int> {

@@ -582,6 +582,36 @@ TEST_CASE("sleep_task never resumes before its deadline and yields the elapsed t
   CHECK(elapsed.size() == 3);
 }
 
+// A coroutine type of someone else's: it runs eagerly and keeps the exception it ends with.
+struct foreign_coroutine {
+  struct promise_type {
+    std::exception_ptr* out;
+    explicit promise_type(std::exception_ptr& e, event_loop&) : out(&e) {}
+    foreign_coroutine get_return_object() { return {}; }
+    std::suspend_never initial_suspend() noexcept { return {}; }
+    std::suspend_never final_suspend() noexcept { return {}; }
+    void return_void() {}
+    void unhandled_exception() { *out = std::current_exception(); }
+  };
+};
+foreign_coroutine sleep_outside_a_job(std::exception_ptr&, event_loop&) { co_await sleep_task(1ms); }
+foreign_coroutine thread_outside_a_job(std::exception_ptr&, event_loop&) {
+  co_await threaded_task([] { return 1; });
+}
+
+TEST_CASE("co_await of a task outside a coro_jobs job throws std::logic_error") {
+  event_loop loop;
+  std::exception_ptr slept, threaded;
+  sleep_outside_a_job(slept, loop);
+  thread_outside_a_job(threaded, loop);
+  REQUIRE(slept);
+  REQUIRE(threaded);
+  CHECK_THROWS_AS(std::rethrow_exception(slept), std::logic_error);
+  CHECK_THROWS_AS(std::rethrow_exception(threaded), std::logic_error);
+  CHECK(loop.stats().timers == 0);
+  CHECK(loop.stats().outstanding == 0);
+}
+
 TEST_CASE("sleep_task of zero or a negative duration resumes on the next iteration") {
   event_loop loop;
   std::vector<std::string> order;

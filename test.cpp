@@ -564,6 +564,31 @@ TEST_CASE("the loop makes one blocking wait and uses no measurable CPU while a j
   CHECK(used < 20ms);
 }
 
+// The loop and a worker spin for a few microseconds around a thread function (see
+// spin_until in the header); they must go to sleep after it.
+TEST_CASE("after a thread function, the loop and its workers use no measurable CPU while a job sleeps") {
+  event_loop loop(2);
+  auto process_cpu = [] {
+    rusage ru{};
+    getrusage(RUSAGE_SELF, &ru);
+    return std::chrono::seconds(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) +
+           std::chrono::microseconds(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec);
+  };
+  std::chrono::microseconds before{}, after{};
+  auto h = start_job(loop, [&]() -> job<> {
+    co_await threaded_task([] {});
+    co_await threaded_task([] {});
+    before = process_cpu();
+    co_await sleep_task(500ms);
+    after = process_cpu();
+  });
+  drain(loop);
+  REQUIRE(h.done());
+  const auto used = after - before;
+  MESSAGE("500 ms sleep after two thread functions: " << used.count() << " us CPU");
+  CHECK(used < 20ms);  // spinning workers would use about a second
+}
+
 // --------------------------------------------------------------------------------- sleep
 
 TEST_CASE("sleep_task never resumes before its deadline and yields the elapsed time") {

@@ -2,6 +2,8 @@
 // Usage: ours [--quick] [--only W1,W2,W3,W4,W5]; prints RESULT <workload> <metric> <value>.
 #include "coro_jobs.hpp"
 
+#include <malloc.h>
+
 #include <atomic>
 #include <coroutine>
 #include <thread>
@@ -96,7 +98,88 @@ job<void> sleeper(int ms, float* late_ms, long& done) {
   ++done;
 }
 
+// The floor under W2's memory target, for this compiler: the frame of W2's job body (1) over
+// a promise and an awaiter that hold nothing, (2) over the least a cancellable sleep needs
+// (the promise knows its job; the awaiter its job and its timer); and (3) what coro_jobs
+// puts on the heap per started job (frame and state, malloc's headers included). Their
+// awaiters do not really suspend (await_suspend returns false), so each body runs through.
+std::size_t last_frame = 0;  // what the last floor frame asked operator new for
+
+template <class State, class Await>
+struct floor_task {
+  struct promise_type {
+    [[no_unique_address]] State state;
+    static void* operator new(std::size_t n) {
+      last_frame = n;
+      return ::operator new(n);
+    }
+    static void operator delete(void* p) noexcept { ::operator delete(p); }
+    floor_task get_return_object() { return {std::coroutine_handle<promise_type>::from_promise(*this)}; }
+    std::suspend_never initial_suspend() noexcept { return {}; }
+    std::suspend_always final_suspend() noexcept { return {}; }
+    void return_void() {}
+    void unhandled_exception() {}
+  };
+  std::coroutine_handle<promise_type> h;
+};
+struct no_state {};
+struct job_link {
+  void* job = nullptr;
+};
+struct one_word {  // remembers the duration only
+  long d;
+  explicit one_word(long x) : d(x) {}
+  bool await_ready() const noexcept { return false; }
+  bool await_suspend(std::coroutine_handle<>) const noexcept { return false; }
+  long await_resume() const noexcept { return d; }
+};
+struct cancellable {  // and the job to resume and the timer to withdraw
+  void* job = nullptr;
+  std::uint64_t timer = 0;
+  long d;
+  explicit cancellable(long x) : d(x) {}
+  bool await_ready() const noexcept { return false; }
+  bool await_suspend(std::coroutine_handle<>) const noexcept { return false; }
+  long await_resume() const noexcept { return d; }
+};
+// Not inlined, or clang would elide the very allocation being measured.
+template <class State, class Await>
+[[gnu::noinline]] floor_task<State, Await> floor_body(int ms, float* late_ms, long& done) {  // as sleeper()
+  const auto t0 = clk::now();
+  co_await Await(ms);
+  *late_ms = std::chrono::duration<float, std::milli>(clk::now() - t0).count();
+  ++done;
+}
+template <class State, class Await>
+std::size_t floor_frame() {
+  float late = 0;
+  long done = 0;
+  floor_body<State, Await>(1, &late, done).h.destroy();
+  bench::check(done == 1, "W2", "a floor body did not run through");
+  return last_frame;
+}
+
+job<void> sleeper(int ms, float* late_ms, long& done);
+
+void w2_floor() {
+  bench::result("W2", "floor_frame_bytes", double(floor_frame<no_state, one_word>()));
+  bench::result("W2", "floor_cancellable_frame_bytes", double(floor_frame<job_link, cancellable>()));
+  event_loop loop;
+  float late = 0;
+  long done = 0;
+  const int n = 1000;
+  for (int i = 0; i < n; ++i) start_job(loop, sleeper(0, &late, done));  // grows the ready queue
+  loop.run();
+  const std::size_t before = mallinfo2().uordblks;
+  for (int i = 0; i < n; ++i) start_job(loop, sleeper(0, &late, done));
+  const std::size_t after = mallinfo2().uordblks;
+  loop.run();
+  bench::check(done == 2 * n, "W2", "floor: not every job ended");
+  bench::result("W2", "heap_per_job_bytes", double(after - before) / n);
+}
+
 void w2(const bench::options& o) {
+  w2_floor();
   const int n = o.n.w2_jobs;
   const auto delay = bench::delays(n, o.n.w2_max_ms);
   std::vector<float> late(static_cast<std::size_t>(n), -1e9f);  // touched now, so not counted as growth

@@ -877,15 +877,21 @@ struct job_state<void> final : job_ctx {
 // where free() was a quarter of the time). A child frame leaves its room unused (the
 // price: about 128 bytes per nested frame). Once a state lives in the room, the memory is
 // the state's to free when its last reference goes: it may outlive the frame (a
-// job_handle reads the result), so operator delete then leaves it alone.
-// The room ends with one word, just before the frame: the frame's address, plus 1 once a
-// state lives in the room. start_job checks the address, because it finds the room from
-// coroutine_handle::address(), which is the pointer operator new returned on GCC, Clang
-// and MSVC; where it is not, start_job allocates the state apart.
-template <class State>  // a multiple of 16, so the frame stays 16-byte aligned; 0: no room
+// job_handle reads the result), so operator delete then leaves it alone. Frames larger
+// than room_frame_limit do not offer their room: a handle kept to a finished job must not
+// keep a big frame's memory.
+// The room ends with one word, just before the frame: the frame's address if a state may
+// be built there, plus 1 once one is. start_job checks the address, because it finds the
+// room from coroutine_handle::address(), which is the pointer operator new returned on GCC,
+// Clang and MSVC; where it is not, or the room is not offered, it allocates the state apart.
+inline constexpr std::size_t new_align = __STDCPP_DEFAULT_NEW_ALIGNMENT__;  // the frame's alignment
+inline constexpr std::size_t room_frame_limit = 512;
+
+template <class State>  // a multiple of new_align, so the frame stays aligned; 0: no room
 inline constexpr std::size_t state_room =
-    alignof(State) <= 16 && sizeof(State) <= 256 ? (sizeof(State) + sizeof(std::uintptr_t) + 15) / 16 * 16
-                                                  : 0;
+    alignof(State) <= new_align && sizeof(State) <= 256
+        ? (sizeof(State) + sizeof(std::uintptr_t) + new_align - 1) / new_align * new_align
+        : 0;
 
 inline std::uintptr_t& room_word(void* frame) noexcept {
   return *reinterpret_cast<std::uintptr_t*>(static_cast<char*>(frame) - sizeof(std::uintptr_t));
@@ -897,7 +903,8 @@ void* alloc_frame(std::size_t n) {
     return ::operator new(n);
   } else {
     char* const frame = static_cast<char*>(::operator new(room + n)) + room;
-    ::new (static_cast<void*>(frame - sizeof(std::uintptr_t))) std::uintptr_t(reinterpret_cast<std::uintptr_t>(frame));
+    const std::uintptr_t offer = n <= room_frame_limit ? reinterpret_cast<std::uintptr_t>(frame) : 0;
+    ::new (static_cast<void*>(frame - sizeof(std::uintptr_t))) std::uintptr_t(offer);
     return frame;
   }
 }
@@ -907,6 +914,7 @@ void free_frame(void* frame) noexcept {
   if constexpr (room == 0) {
     ::operator delete(frame);
   } else if (!(room_word(frame) & 1)) {  // else its state frees the memory
+    room_word(frame) = 0;  // no stale address for a later frame in the same memory to match
     ::operator delete(static_cast<char*>(frame) - room);
   }
 }
@@ -1293,6 +1301,7 @@ inline void loop_impl::run_items() {
   } catch (...) {
     ready.insert(ready.begin(), running.begin() + std::ptrdiff_t(i) + 1, running.end());
     running.clear();
+    kick_pool_if_needed();  // what the items before submitted must not wait for the next run()
     throw;
   }
 }
@@ -1336,6 +1345,7 @@ inline void loop_impl::run_items_watched() {
   } catch (...) {
     ready.insert(ready.begin(), running.begin() + std::ptrdiff_t(i) + 1, running.end());
     running.clear();
+    kick_pool_if_needed();  // what the items before submitted must not wait for the next run()
     throw;
   }
 }
@@ -2234,6 +2244,7 @@ void start_branches(group& g, std::tuple<std::optional<await_value_t<A>>...>& sl
       if (access::state(x) == g.ctx_) fail_logic("coro_jobs: a job cannot wait for its own handle");
   };
   (own_handle(a), ...);
+  g.branches.reserve(sizeof...(A));  // so that no push_back below can fail once a branch runs
   auto one = [&](auto&& j, std::size_t i) {
     auto h = start_job(*l.self, std::move(j), base + "[" + std::to_string(i) + "]");
     job_ctx* c = access::state(h);
@@ -2629,10 +2640,19 @@ job_handle<T> start_with(event_loop& loop, job<T>& j, std::string name, std::uni
   l.check_thread("coro_jobs: start_job called from a thread that does not own the loop");
   auto& h = access::handle(j);
   if (!h) throw std::invalid_argument("coro_jobs: start_job of an empty job (moved-from or already started)");
-  job_extras extra;  // first: what may throw comes before the job is committed
+  // What may throw comes first, before anything is committed: the name, the ready slot
+  // (the one allocation when the state goes in the frame's room) and the state.
+  job_extras extra;
   extra.set_name(std::move(name));
   if (maker) extra.set_maker(std::move(maker));
-  auto* s = make_state<job_state<T>>(h.address());
+  l.ready.push_back({&loop_impl::run_start, nullptr});
+  job_state<T>* s;
+  try {
+    s = make_state<job_state<T>>(h.address());
+  } catch (...) {
+    l.ready.pop_back();
+    throw;
+  }
   s->loop = &l;
   s->extra = std::move(extra);
   s->root = h;
@@ -2641,7 +2661,7 @@ job_handle<T> start_with(event_loop& loop, job<T>& j, std::string name, std::uni
   h.promise().ctx = s;
   h = {};  // the state owns the frame now
   l.link(s);
-  l.ready.push_back({&loop_impl::run_start, static_cast<job_ctx*>(s)});
+  l.ready.back().arg = static_cast<job_ctx*>(s);
   job_handle<T> r;
   access::state(r) = s;
   return r;
@@ -2815,8 +2835,8 @@ job_handle<T> job_scope::adopt(job_handle<T> h) {
                              }),
               jobs_.end());
   detail::job_ctx* c = detail::access::state(h);
+  jobs_.push_back(c);  // first: if it throws, no reference is left behind
   ++c->refs;
-  jobs_.push_back(c);
   return h;
 }
 template <class T>

@@ -5,12 +5,15 @@
 
 #include "coro_jobs.hpp"
 
+#include <malloc.h>
 #include <pthread.h>
 #include <sys/resource.h>
 
 #include <array>
 #include <atomic>
+#include <cstdlib>
 #include <cstring>
+#include <new>
 #include <fstream>
 #include <map>
 #include <set>
@@ -21,6 +24,20 @@
 using namespace coro_jobs;
 using namespace std::chrono_literals;
 using std::chrono::steady_clock;
+
+// Out-of-memory tests: fail_alloc_in = n makes the n-th allocation from now on this thread
+// throw std::bad_alloc. (Not inlined, so that GCC does not pair these mallocs and frees
+// with other allocation functions in its -Wmismatched-new-delete analysis.)
+namespace {
+thread_local int fail_alloc_in = 0;
+}  // namespace
+[[gnu::noinline]] void* operator new(std::size_t n) {
+  if (fail_alloc_in > 0 && --fail_alloc_in == 0) throw std::bad_alloc();
+  if (void* p = std::malloc(n ? n : 1)) return p;
+  throw std::bad_alloc();
+}
+[[gnu::noinline]] void operator delete(void* p) noexcept { std::free(p); }
+[[gnu::noinline]] void operator delete(void* p, std::size_t) noexcept { std::free(p); }
 
 namespace {
 
@@ -86,6 +103,10 @@ struct pipe_fds {
 };
 
 job<int> value_of(int v) { co_return v; }
+job<> set_flag(bool& flag) {
+  flag = true;
+  co_return;
+}
 job<int> fails_with(std::string what) {
   co_await sleep_task(0s);
   throw std::runtime_error(what);
@@ -189,6 +210,51 @@ TEST_CASE("a result of any size or alignment outlives the job's frame until the 
   const auto a = aligned.result();
   CHECK(a.v == 3);
   CHECK(reinterpret_cast<std::uintptr_t>(&a) % 64 == 0);
+}
+
+TEST_CASE("an allocation failing in start_job throws std::bad_alloc and leaves no job behind") {
+  // Fails the first allocation inside start_job, then the second, ... until one succeeds.
+  int failures = 0;
+  bool started = false;
+  for (int nth = 1; nth <= 10 && !started; ++nth) {
+    event_loop loop;
+    bool ran = false;
+    job<> j = set_flag(ran);  // the frame (and the state's room) exist before start_job
+    fail_alloc_in = nth;
+    try {
+      start_job(loop, std::move(j), "a name too long for the small-string buffer");
+      started = true;
+    } catch (const std::bad_alloc&) {
+      ++failures;
+    }
+    fail_alloc_in = 0;
+    drain(loop);
+    INFO("allocation " << nth << std::string(started ? " succeeded" : " failed"));
+    CHECK(loop.stats().jobs == 0u);  // it ended, or it was never there
+    CHECK(ran == started);
+  }
+  CHECK(started);
+  CHECK(failures >= 2);  // the name and the ready queue at least
+}
+
+// The room in front of a frame lives as long as the job's state: offering it to big frames
+// would keep their memory while a handle is held.
+TEST_CASE("a handle kept to a finished job does not keep a large frame's memory") {
+  event_loop loop;
+  std::vector<job_handle<int>> handles;
+  const std::size_t before = mallinfo2().uordblks;
+  for (int i = 0; i < 100; ++i)
+    handles.push_back(start_job(loop, []() -> job<int> {
+      std::array<char, 16384> big{};
+      big[0] = 1;
+      co_await sleep_task(0s);  // big lives in the frame
+      co_return big[0] + big[16383];
+    }));
+  drain(loop);
+  const std::size_t after = mallinfo2().uordblks;
+  for (auto& h : handles) CHECK(h.result() == 1);
+  MESSAGE("heap held by 100 finished jobs with 16 KiB frames: " << (after - before) << " bytes");
+  CHECK(after - before < 100 * 16384 / 4);
 }
 
 TEST_CASE("start_job with a capturing lambda keeps its captures alive until the job ends") {
@@ -777,6 +843,32 @@ TEST_CASE("thread functions submitted in one iteration run side by side on idle 
     CHECK(a.result());
     CHECK(b.result());
   }
+}
+
+// Workers are woken at the end of the iteration; an error handler that throws ends the
+// iteration early, and must not leave what the iteration submitted waiting for another run().
+TEST_CASE("a thread function submitted before the error handler throws starts without another run()") {
+  event_loop loop(1);
+  start_job(loop, []() -> job<> {  // starts the worker, which then goes idle (its spin is 50 us)
+    co_await threaded_task([] {});
+    co_await sleep_task(20ms);
+  });
+  drain(loop);
+  loop.set_error_handler([](std::string_view, std::exception_ptr e) { std::rethrow_exception(e); });
+  std::atomic<bool> started{false};
+  start_job(loop, [&]() -> job<> {
+    co_await sleep_task(0s);  // runs next iteration, beside the report of the job below
+    co_await threaded_task([&] { started = true; });
+  });
+  start_job(loop, []() -> job<> {
+    throw std::runtime_error("reported in the next iteration");
+    co_return;
+  });
+  CHECK_THROWS_AS(loop.run(), std::runtime_error);
+  const auto stop = steady_clock::now() + 5s;  // the loop is not run: only the worker can act
+  while (!started && steady_clock::now() < stop) std::this_thread::yield();
+  CHECK(started);
+  drain(loop);
 }
 
 TEST_CASE("threaded_task moves move-only arguments and results across threads") {

@@ -50,7 +50,8 @@
 // RULES
 //   Threads: post(), quit() and task_return are safe from any thread. Everything else, jobs
 //     and handles included, belongs to the thread that created the loop; calling a loop function
-//     from another thread throws std::logic_error.
+//     from another thread throws std::logic_error. A thread function submitted in an
+//     iteration starts when that iteration's ready work has run.
 //   Errors: a job's exception goes to whoever co_awaits the job or its handle or calls
 //     result(). If nobody can any more (no handle left), the loop's error handler gets it,
 //     exactly once; so do exceptions from post/call_later/watch callbacks. The loop goes on.
@@ -67,7 +68,8 @@
 //     functions; workers that finish later find nobody to deliver to and discard the result.
 //   Bad input: empty jobs and handles throw std::invalid_argument; misuse of a loop
 //     (wrong thread, run() inside run()) throws std::logic_error; a bad fd throws
-//     std::system_error(EBADF); durations saturate (negative = next iteration, huge = never).
+//     std::system_error(EBADF); durations saturate (negative = next iteration, huge = never);
+//     out of memory, start_job throws std::bad_alloc and leaves no job behind.
 
 #ifndef CORO_JOBS_HPP
 #define CORO_JOBS_HPP

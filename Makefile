@@ -5,7 +5,7 @@ BUILD    ?= build
 WARN     := -Wall -Wextra -Wpedantic -Werror
 REQUIRED := -std=c++20 -I. -pthread
 
-.PHONY: all run test stress bench bench-build asan tsan stress-asan stress-tsan warnings deps clean
+.PHONY: all run test test-separate stress bench bench-build asan tsan stress-asan stress-tsan warnings deps clean
 
 all: $(BUILD)/demo $(BUILD)/test
 
@@ -23,6 +23,19 @@ $(BUILD)/demo: demo.cpp coro_jobs.hpp | $(BUILD)
 
 $(BUILD)/test: test.cpp coro_jobs.hpp | $(BUILD) deps
 	$(CXX) $(REQUIRED) $(WARN) $(CXXFLAGS) test.cpp -o $@
+
+# The same tests built with CORO_JOBS_SEPARATE_COMPILATION: test.cpp sees the API and the
+# templates only, and the loop's functions are compiled once, in the two-line file that a
+# project using this mode writes (generated here), then linked in.
+SEPARATE := -DCORO_JOBS_SEPARATE_COMPILATION
+test-separate: $(BUILD)/test-separate
+	./$(BUILD)/test-separate
+
+$(BUILD)/test-separate: test.cpp coro_jobs.hpp | $(BUILD) deps
+	printf '#define CORO_JOBS_IMPLEMENTATION\n#include "coro_jobs.hpp"\n' > $(BUILD)/coro_jobs_impl.cpp
+	$(CXX) $(REQUIRED) $(WARN) $(CXXFLAGS) $(SEPARATE) -c $(BUILD)/coro_jobs_impl.cpp -o $(BUILD)/coro_jobs_impl.o
+	$(CXX) $(REQUIRED) $(WARN) $(CXXFLAGS) $(SEPARATE) -c test.cpp -o $(BUILD)/test-separate.o
+	$(CXX) $(REQUIRED) $(CXXFLAGS) $(BUILD)/test-separate.o $(BUILD)/coro_jobs_impl.o -o $@
 
 # Sanitizer variants are the same targets re-run with other flags, in folders of their own.
 # clang 14's -fsanitize=function (part of "undefined") cannot emit coroutine frames ("Cannot

@@ -26,16 +26,21 @@ $(BUILD)/test: test.cpp coro_jobs.hpp | $(BUILD) deps
 
 # The same tests built with CORO_JOBS_SEPARATE_COMPILATION: test.cpp sees the API and the
 # templates only, and the loop's functions are compiled once, in the two-line file that a
-# project using this mode writes (generated here), then linked in.
+# project using this mode writes (generated here), then linked in. A third file only
+# includes the header: if the header defined anything non-inline outside the implementation
+# part, the link would fail with a duplicate symbol.
 SEPARATE := -DCORO_JOBS_SEPARATE_COMPILATION
 test-separate: $(BUILD)/test-separate
 	./$(BUILD)/test-separate
 
 $(BUILD)/test-separate: test.cpp coro_jobs.hpp | $(BUILD) deps
 	printf '#define CORO_JOBS_IMPLEMENTATION\n#include "coro_jobs.hpp"\n' > $(BUILD)/coro_jobs_impl.cpp
+	printf '#include "coro_jobs.hpp"\n' > $(BUILD)/coro_jobs_user.cpp
 	$(CXX) $(REQUIRED) $(WARN) $(CXXFLAGS) $(SEPARATE) -c $(BUILD)/coro_jobs_impl.cpp -o $(BUILD)/coro_jobs_impl.o
+	$(CXX) $(REQUIRED) $(WARN) $(CXXFLAGS) $(SEPARATE) -c $(BUILD)/coro_jobs_user.cpp -o $(BUILD)/coro_jobs_user.o
 	$(CXX) $(REQUIRED) $(WARN) $(CXXFLAGS) $(SEPARATE) -c test.cpp -o $(BUILD)/test-separate.o
-	$(CXX) $(REQUIRED) $(CXXFLAGS) $(BUILD)/test-separate.o $(BUILD)/coro_jobs_impl.o -o $@
+	$(CXX) $(REQUIRED) $(CXXFLAGS) $(BUILD)/test-separate.o $(BUILD)/coro_jobs_user.o \
+	  $(BUILD)/coro_jobs_impl.o -o $@
 
 # Sanitizer variants are the same targets re-run with other flags, in folders of their own.
 # clang 14's -fsanitize=function (part of "undefined") cannot emit coroutine frames ("Cannot

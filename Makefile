@@ -41,6 +41,8 @@ $(BUILD)/test-separate: test.cpp coro_jobs.hpp | $(BUILD) deps
 	$(CXX) $(REQUIRED) $(WARN) $(CXXFLAGS) $(SEPARATE) -c test.cpp -o $(BUILD)/test-separate.o
 	$(CXX) $(REQUIRED) $(CXXFLAGS) $(BUILD)/test-separate.o $(BUILD)/coro_jobs_user.o \
 	  $(BUILD)/coro_jobs_impl.o -o $@
+	@# CORO_JOBS_IMPLEMENTATION alone must not compile (it would silently define nothing).
+	! $(CXX) $(REQUIRED) -DCORO_JOBS_IMPLEMENTATION -fsyntax-only $(BUILD)/coro_jobs_user.cpp 2>/dev/null
 
 # Sanitizer variants are the same targets re-run with other flags, in folders of their own.
 # clang 14's -fsanitize=function (part of "undefined") cannot emit coroutine frames ("Cannot

@@ -73,13 +73,14 @@
 //
 // SEPARATE COMPILATION (optional)
 //   By default every function is inline: include the header anywhere and nothing else is
-//   needed. A file that includes it then also compiles the whole loop (about 1.5 s with
-//   g++ -O2). To compile the loop once instead, build every file with
+//   needed. Each file that includes it then also compiles the loop (about 1.7 s with g++
+//   -O2). To compile the loop once instead, build every file of the program with
 //   -DCORO_JOBS_SEPARATE_COMPILATION and add one file that holds the loop's functions:
 //       #define CORO_JOBS_IMPLEMENTATION
 //       #include "coro_jobs.hpp"
-//   The other files then see the API and the templates only (bench W6: 0.9 s instead of
-//   2.4 s for the smallest program). Define it in every file of the program or in none.
+//   Every other file then sees the API and the templates only (bench W6: 0.87 s instead of
+//   2.54 s for the smallest program). Costs about 2 ns per job switch: calls where the
+//   default inlines. Define CORO_JOBS_SEPARATE_COMPILATION in every file or in none.
 
 #ifndef CORO_JOBS_HPP
 #define CORO_JOBS_HPP
@@ -87,6 +88,9 @@
 // By default every function is inline. CORO_JOBS_SEPARATE_COMPILATION (see SEPARATE
 // COMPILATION above) leaves only declarations and templates in each file, and puts the
 // loop's functions in the one file that defines CORO_JOBS_IMPLEMENTATION.
+#if defined(CORO_JOBS_IMPLEMENTATION) && !defined(CORO_JOBS_SEPARATE_COMPILATION)
+#error "CORO_JOBS_IMPLEMENTATION needs CORO_JOBS_SEPARATE_COMPILATION, defined in every file"
+#endif
 #if defined(CORO_JOBS_SEPARATE_COMPILATION)
 #define CORO_JOBS_DECL
 #if defined(CORO_JOBS_IMPLEMENTATION)
@@ -115,20 +119,20 @@
 #include <stop_token>
 #include <string>
 #include <string_view>
+#include <system_error>  // std::system_error(EBADF) from watch() and wait_readable()
 #include <tuple>
 #include <type_traits>
 #include <utility>
 #include <variant>
 #include <vector>
 
-#include <poll.h>  // POLLIN, POLLOUT... for watch() and wait_readable()
+#include <cerrno>   // EBADF
+#include <poll.h>   // POLLIN, POLLOUT... for watch() and wait_readable()
 
 #if CORO_JOBS_BODIES  // what only the loop's functions use
-#include <cerrno>
 #include <condition_variable>
 #include <cstdio>
 #include <deque>
-#include <system_error>
 #include <thread>
 #include <unordered_set>
 
@@ -510,7 +514,7 @@ class job_scope {
 };
 
 // ======================================================================================
-//                                   IMPLEMENTATION
+//              DETAIL: jobs, tasks and what they need (compiled in every file)
 // ======================================================================================
 
 namespace detail {
@@ -565,6 +569,9 @@ struct op_base {
   ~op_base() = default;
 };
 
+// One thread function on its way through the pool. The task is also the state the worker
+// and the awaiting job share, so a threaded_task costs one allocation (plus its completion's
+// trip through the inbox), not one per layer.
 struct pool_task {
   virtual void run(std::shared_ptr<pool_task>& self) = 0;  // on a worker
 
@@ -682,17 +689,21 @@ struct job_state<void> final : job_ctx {
 };
 
 // --- What jobs and tasks ask of the loop
-// The templates below reach the loop only through these, so that a file compiled with
-// CORO_JOBS_SEPARATE_COMPILATION never sees it. By default they are inline and defined with
-// the loop, so the compiler inlines them as before.
+// The templates below never touch loop_impl's members: they call these functions (and the
+// declared-only members of job_ctx, op_base, sleep_op, fd_op and group), so that a file
+// compiled with CORO_JOBS_SEPARATE_COMPILATION needs no definition of the loop at all. By
+// default they are inline and defined with the loop, so the compiler inlines them as before.
 CORO_JOBS_DECL void check_thread(loop_impl& l, const char* what);  // logic_error off the owner
-CORO_JOBS_DECL event_loop& owner(loop_impl& l) noexcept;
-CORO_JOBS_DECL void resume_next(loop_impl& l, std::coroutine_handle<> h) noexcept;  // see resume()
+CORO_JOBS_DECL event_loop& event_loop_of(loop_impl& l) noexcept;
+CORO_JOBS_DECL event_loop& current_loop();  // running on this thread, else the newest made on it
+CORO_JOBS_DECL void resume_next(loop_impl& l, std::coroutine_handle<> h) noexcept;  // loop_impl::resume()
 CORO_JOBS_DECL void enqueue(loop_impl& l, job_ctx* j, std::coroutine_handle<> h);  // resume h
 CORO_JOBS_DECL void job_finished(job_ctx* j);  // its top frame has ended
 CORO_JOBS_DECL void finish_now(job_ctx* j);    // cancel it and finish its unwinding now
 CORO_JOBS_DECL void report(loop_impl& l, std::string name, std::exception_ptr e);  // to the handler
-// start_job in three steps: the ready slot (may throw), nothing (the state failed), the job.
+CORO_JOBS_DECL void drop_handle(job_ctx* s);  // the last handle reports an unseen error
+// start_job in three steps: reserve the ready slot (may throw); give it back if the state
+// cannot be made; or commit: list the job and fill its slot.
 CORO_JOBS_DECL void reserve_start(loop_impl& l);
 CORO_JOBS_DECL void unreserve_start(loop_impl& l) noexcept;
 CORO_JOBS_DECL void commit_start(loop_impl& l, job_ctx* j) noexcept;
@@ -843,13 +854,13 @@ struct final_awaiter {
     P& p = h.promise();
     job_ctx* j = p.ctx;
     if (p.continuation) {
-      resume_next(*j->loop, p.continuation);
+      detail::resume_next(*j->loop, p.continuation);
       return;
     }
     p.store_result();
     j->root = {};
     h.destroy();
-    job_finished(j);
+    detail::job_finished(j);
   }
   void await_resume() noexcept {}
 };
@@ -960,7 +971,7 @@ struct job_awaiter {
     p.continuation = parent;
     link = {&child, &destroy_child, ctx->innermost};
     ctx->innermost = &link;
-    resume_next(*ctx->loop, child);  // loop_impl::resume() runs it as soon as we return
+    detail::resume_next(*ctx->loop, child);  // loop_impl::resume() runs it as soon as we return
   }
   T await_resume() {
     if (!link.slot) throw job_cancelled{};
@@ -1097,13 +1108,13 @@ struct thread_work final : pool_task, thread_shared<R> {
     }
     fn.reset();  // the function's captures die on the worker, as with std::thread
     std::shared_ptr<inbox> b = box;
-    post_remote(*b, [me = std::static_pointer_cast<thread_work>(std::move(self))] { me->arrived(); });
+    detail::post_remote(*b, [me = std::static_pointer_cast<thread_work>(std::move(self))] { me->arrived(); });
   }
   void arrived() {  // on the loop thread
-    thread_returned(*loop);
+    detail::thread_returned(*loop);
     if (this->abandoned) return;
     this->op->ctx_->pending = nullptr;
-    enqueue(*loop, this->op->ctx_, this->op->waiter_);
+    detail::enqueue(*loop, this->op->ctx_, this->op->waiter_);
   }
 };
 
@@ -1117,11 +1128,11 @@ class thread_op final : public op_base {
   }
   void await_suspend(std::coroutine_handle<> h) {
     loop_impl& l = *ctx_->loop;
-    auto work = std::make_shared<thread_work<R, Fn>>(std::move(fn_), inbox_of(l), &l);
+    auto work = std::make_shared<thread_work<R, Fn>>(std::move(fn_), detail::inbox_of(l), &l);
     work->op = this;
     sh_ = work;
     waiter_ = h;
-    submit_thread(l, std::move(work));
+    detail::submit_thread(l, std::move(work));
     park();
   }
   R await_resume() {
@@ -1158,23 +1169,23 @@ struct callback_state : std::enable_shared_from_this<callback_state<T>> {
     deliver();
   }
   void deliver() {
-    post_remote(*box, [s = this->shared_from_this()] { s->arrived(); });
+    detail::post_remote(*box, [s = this->shared_from_this()] { s->arrived(); });
   }
   void uncount() noexcept {
     if (counted) {
       counted = false;
-      count_callback(*loop, false);
+      detail::count_callback(*loop, false);
     }
   }
   void arrived() {
     uncount();
     if (cancelled) return;
     op->ctx_->pending = nullptr;
-    enqueue(*loop, op->ctx_, op->waiter_);
+    detail::enqueue(*loop, op->ctx_, op->waiter_);
   }
   void called_twice() {
-    post_remote(*box, [l = loop] {
-      report(*l, "task_return", std::make_exception_ptr(std::logic_error(
+    detail::post_remote(*box, [l = loop] {
+      detail::report(*l, "task_return", std::make_exception_ptr(std::logic_error(
                                    "coro_jobs: task_return called more than once")));
     });
   }
@@ -1219,7 +1230,7 @@ class callback_op final : public op_base {
   }
   void await_suspend(std::coroutine_handle<> h) {
     loop_impl& l = *ctx_->loop;
-    st_ = std::make_shared<callback_state<T>>(inbox_of(l), &l);
+    st_ = std::make_shared<callback_state<T>>(detail::inbox_of(l), &l);
     st_->op = this;
     waiter_ = h;
     task_return<T> ret(std::make_shared<return_token<T>>(st_));
@@ -1233,7 +1244,7 @@ class callback_op final : public op_base {
       throw;
     }
     st_->counted = true;
-    count_callback(l, true);
+    detail::count_callback(l, true);
     park();
   }
   T await_resume() {
@@ -1248,7 +1259,7 @@ class callback_op final : public op_base {
       try {
         if (cancel_) (*cancel_)();
       } catch (...) {
-        report(*st_->loop, "canceller", std::current_exception());
+        detail::report(*st_->loop, "canceller", std::current_exception());
       }
     }
   }
@@ -1357,7 +1368,7 @@ void start_branches(group& g, std::tuple<std::optional<await_value_t<A>>...>& sl
   (own_handle(a), ...);
   g.branches.reserve(sizeof...(A));  // so that no push_back below can fail once a branch runs
   auto one = [&](auto&& j, std::size_t i) {
-    auto h = start_job(owner(l), std::move(j), base + "[" + std::to_string(i) + "]");
+    auto h = start_job(event_loop_of(l), std::move(j), base + "[" + std::to_string(i) + "]");
     job_ctx* c = access::state(h);
     ++c->refs;
     g.branches.push_back(c);
@@ -1384,7 +1395,9 @@ struct progress_state : std::enable_shared_from_this<progress_state<T>> {
       if (queued) return;  // the queued delivery will carry the newest value
       queued = true;
     }
-    post_remote(*box, [s = this->shared_from_this()] { queue_progress(*s->loop, &deliver, s); });
+    detail::post_remote(*box, [s = this->shared_from_this()] {
+      detail::queue_progress(*s->loop, &deliver, s);
+    });
   }
   static void deliver(void* p) {
     auto* s = static_cast<progress_state*>(p);
@@ -1396,7 +1409,7 @@ struct progress_state : std::enable_shared_from_this<progress_state<T>> {
       s->queued = false;
     }
     loop_impl* l = s->loop;
-    std::shared_ptr<void> keep = take_progress_ref(*l, s);
+    std::shared_ptr<void> keep = detail::take_progress_ref(*l, s);
     if (!s->alive || !v) return;
     try {
       s->on_progress(std::move(*v));
@@ -1405,11 +1418,6 @@ struct progress_state : std::enable_shared_from_this<progress_state<T>> {
     }
   }
 };
-
-// The loop running on this thread, or else the newest made on it (start_job(job)).
-CORO_JOBS_DECL event_loop& current_loop();
-// A job_handle goes: the last one reports an error nobody has seen (RULES, Errors).
-CORO_JOBS_DECL void drop_handle(job_ctx* s);
 
 }  // namespace detail
 
@@ -1450,7 +1458,8 @@ job_handle<T>::~job_handle() {
 template <class T>
 bool job_handle<T>::done() const {
   if (!s_) throw std::invalid_argument("coro_jobs: done() of an empty job_handle");
-  if (!s_->done) detail::check_thread(*s_->loop, "coro_jobs: job_handle used from a thread that does not own the loop");
+  if (!s_->done)
+    detail::check_thread(*s_->loop, "coro_jobs: job_handle used from a thread that does not own the loop");
   return s_->done;
 }
 template <class T>
@@ -1479,7 +1488,7 @@ namespace detail {
 template <class T>
 job_handle<T> start_with(event_loop& loop, job<T>& j, std::string name, std::unique_ptr<maker_base> maker) {
   auto& l = access::impl(loop);
-  check_thread(l, "coro_jobs: start_job called from a thread that does not own the loop");
+  detail::check_thread(l, "coro_jobs: start_job called from a thread that does not own the loop");
   auto& h = access::handle(j);
   if (!h) throw std::invalid_argument("coro_jobs: start_job of an empty job (moved-from or already started)");
   // What may throw comes first, before anything is committed: the name, the ready slot
@@ -1487,12 +1496,12 @@ job_handle<T> start_with(event_loop& loop, job<T>& j, std::string name, std::uni
   job_extras extra;
   extra.set_name(std::move(name));
   if (maker) extra.set_maker(std::move(maker));
-  reserve_start(l);
+  detail::reserve_start(l);
   job_state<T>* s;
   try {
     s = make_state<job_state<T>>(h.address());
   } catch (...) {
-    unreserve_start(l);
+    detail::unreserve_start(l);
     throw;
   }
   s->loop = &l;
@@ -1502,7 +1511,7 @@ job_handle<T> start_with(event_loop& loop, job<T>& j, std::string name, std::uni
   s->handles = 1;
   h.promise().ctx = s;
   h = {};  // the state owns the frame now
-  commit_start(l, s);
+  detail::commit_start(l, s);
   job_handle<T> r;
   access::state(r) = s;
   return r;
@@ -1682,14 +1691,14 @@ template <class T>
 job_handle<T> job_scope::start(job<T> j, std::string name, restart policy) {
   if (!j) throw std::invalid_argument("coro_jobs: job_scope::start of an empty job");
   if (auto running = apply_policy<T>(name, policy)) return *running;  // j is dropped unstarted
-  return adopt(start_job(detail::owner(*loop_), std::move(j), std::move(name)));
+  return adopt(start_job(detail::event_loop_of(*loop_), std::move(j), std::move(name)));
 }
 template <class F>
   requires std::invocable<F&> && detail::is_job<std::invoke_result_t<F&>>::value
 auto job_scope::start(F&& make, std::string name, std::optional<restart> policy) {
   using T = typename std::invoke_result_t<F&>::value_type;
   if (auto running = apply_policy<T>(name, policy.value_or(policy_))) return *running;
-  return adopt(start_job(detail::owner(*loop_), std::forward<F>(make), std::move(name)));
+  return adopt(start_job(detail::event_loop_of(*loop_), std::forward<F>(make), std::move(name)));
 }
 
 // ======================================================================================
@@ -1743,14 +1752,16 @@ struct inbox {
   inbox(const inbox&) = delete;
   inbox& operator=(const inbox&) = delete;
 
-  bool push(std::function<void()> fn);
-  void wake();
-  int decide() noexcept;
-  void signal(int how) noexcept;
-  void drain() noexcept;
-  void take(std::vector<std::function<void()>>& out);
-  void sleep(std::chrono::steady_clock::duration timeout, bool spin);
-  void close();
+  // Any thread:
+  bool push(std::function<void()> fn);  // queues fn and wakes the loop; false once closed
+  void wake();                          // wakes the loop with nothing queued (quit())
+  int decide() noexcept;                // under m: how to wake the loop (see below)
+  void signal(int how) noexcept;        // after unlocking: wake it that way
+  // The loop thread:
+  void drain() noexcept;                                // empties the pipe
+  void take(std::vector<std::function<void()>>& out);   // the queued items, flag reset
+  void sleep(std::chrono::steady_clock::duration timeout, bool spin);  // wait without fds
+  void close();                                         // drops items; later pushes fail
 };
 
 CORO_JOBS_DECL inbox::inbox() {
@@ -1850,9 +1861,6 @@ CORO_JOBS_DECL void inbox::close() {
 // Threads are started on demand up to `max` and then stay until the loop is destroyed. They
 // are detached and own the pool through a shared_ptr: the loop's destructor never waits for
 // a thread function that ignores its stop token.
-// One thread function on its way through the pool. The task is also the state the worker
-// and the awaiting job share, so a threaded_task costs one allocation (plus its completion's
-// trip through the inbox), not one per layer.
 struct worker_pool {
   std::mutex m;
   std::condition_variable cv;
@@ -1862,9 +1870,9 @@ struct worker_pool {
   std::atomic<std::size_t> queued{0};  // queue.size(), readable without the lock while spinning
 
   static void submit(const std::shared_ptr<worker_pool>& p, std::shared_ptr<pool_task> work);
-  void kick() noexcept;
-  void work_loop();
-  void stop();
+  void kick() noexcept;  // the loop, once per iteration: wakes idle workers for queued work
+  void work_loop();      // a worker thread's body
+  void stop();           // the loop's destructor: drops queued work, lets workers exit
 };
 
 // Queues work without waking anyone: the loop calls kick() once per iteration, after its
@@ -1872,7 +1880,8 @@ struct worker_pool {
 // a woken worker does not preempt the loop in mid-iteration on a small machine (bench W3,
 // 64 concurrent jobs on 2 cores: 2 us per round trip before, 0.4 us after). A thread is
 // started at once if the pool may grow and every thread is busy.
-CORO_JOBS_DECL void worker_pool::submit(const std::shared_ptr<worker_pool>& p, std::shared_ptr<pool_task> work) {
+CORO_JOBS_DECL void worker_pool::submit(const std::shared_ptr<worker_pool>& p,
+                                        std::shared_ptr<pool_task> work) {
   std::lock_guard<std::mutex> lock(p->m);
   p->queue.push_back(std::move(work));
   p->queued.store(p->queue.size(), std::memory_order_relaxed);
@@ -1883,11 +1892,13 @@ CORO_JOBS_DECL void worker_pool::submit(const std::shared_ptr<worker_pool>& p, s
   } catch (...) {
     --p->threads;
     p->queue.pop_back();
+    p->queued.store(p->queue.size(), std::memory_order_relaxed);
     throw;
   }
 }
 // Wakes as many idle workers as there is queued work (busy ones take more by themselves).
-CORO_JOBS_DECL void worker_pool::kick() noexcept {  // noexcept: a mutex that cannot be locked is beyond repair
+// noexcept: a mutex that cannot be locked is beyond repair.
+CORO_JOBS_DECL void worker_pool::kick() noexcept {
   std::size_t n;
   {
     std::lock_guard<std::mutex> lock(m);
@@ -2000,7 +2011,7 @@ struct loop_impl {
   time_point manual_now = now;         // the manual clock's reading
 
   std::vector<std::shared_ptr<void>> progress_refs;  // progress states with a queued delivery
-  std::shared_ptr<void> take_progress_ref(const void* s);
+  std::shared_ptr<void> take_progress_ref(const void* s);  // the delivery's, out of the list
   duration watchdog{};                 // > 0: report items that hold the loop longer
   watchdog_handler on_slow;
 
@@ -2011,12 +2022,12 @@ struct loop_impl {
 
   void check_thread(const char* what) const;
 
-  void enqueue(job_ctx* j, std::coroutine_handle<> h);
+  void enqueue(job_ctx* j, std::coroutine_handle<> h);  // j resumes at h next iteration
   job_ctx* current = nullptr;  // the job being resumed, if any
-  void resume_job(job_ctx* j);
-  static void skip(void*) noexcept;
-  void unqueue(void (*run)(void*), void* arg) noexcept;
-  void finish_now(job_ctx* j);
+  void resume_job(job_ctx* j);  // runs j from where it was enqueued, as `current`
+  static void skip(void*) noexcept;                      // a withdrawn ready item
+  void unqueue(void (*run)(void*), void* arg) noexcept;  // withdraws queued items
+  void finish_now(job_ctx* j);  // cancels j and finishes its unwinding before returning
   void run_items();
   void run_items_watched();
   const char* who(const ready_item& it, std::string& name) const;
@@ -2044,18 +2055,17 @@ struct loop_impl {
   void remove_fd(fd_owner* o) noexcept;
 
   // ---- errors
-  static void run_report(void* self);
-  void report(std::string name, std::exception_ptr e);
+  static void run_report(void* self);  // a ready item: hands the oldest error to the handler
+  void report(std::string name, std::exception_ptr e);  // queues it for the handler
   void call_handler(std::string_view name, std::exception_ptr e);
   static void print_error(std::string_view name, const std::exception_ptr& e) noexcept;
 
   // ---- jobs and posted callbacks
   void link(job_ctx* j) noexcept;
   void unlink(job_ctx* j) noexcept;
-  void job_finished(job_ctx* j);
-  static void run_start(void* ctx);
-
-  static void run_posted(void* self);
+  void job_finished(job_ctx* j);     // its top frame ended, or it was dropped unstarted
+  static void run_start(void* ctx);  // a ready item: runs a started job's body to its first await
+  static void run_posted(void* self);  // a ready item: runs the oldest posted callback
 
   // ---- one iteration
   bool pending() const noexcept;
@@ -2092,7 +2102,9 @@ CORO_JOBS_DECL loop_impl::loop_impl(event_loop* s, std::size_t workers) : self(s
   pfds.push_back({box->rfd, POLLIN, 0});
   fd_owners.push_back(nullptr);
 }
-CORO_JOBS_DECL time_point loop_impl::clock() const noexcept { return manual ? manual_now : clock_type::now(); }
+CORO_JOBS_DECL time_point loop_impl::clock() const noexcept {
+  return manual ? manual_now : clock_type::now();
+}
 CORO_JOBS_DECL void loop_impl::check_thread(const char* what) const {
   if (std::this_thread::get_id() != owner) fail_logic(what);
 }
@@ -2125,7 +2137,8 @@ CORO_JOBS_DECL void loop_impl::resume(std::coroutine_handle<> h) {
 // The timers form a 4-ary min-heap on (deadline, seq): half the levels of a binary heap,
 // and a node's four children sit in two cache lines. With a million sleeping jobs the
 // sift loops are most of a timer's cost (bench W2), and cache misses most of theirs.
-CORO_JOBS_DECL std::uint64_t loop_impl::add_timer(time_point deadline, void (*fire)(void*, loop_impl&), void* arg) {
+CORO_JOBS_DECL std::uint64_t loop_impl::add_timer(time_point deadline, void (*fire)(void*, loop_impl&),
+                                                 void* arg) {
   const std::uint64_t seq = ++next_seq;
   const timer_entry e{deadline, seq, fire, arg};
   std::size_t i = timers.size();
@@ -2188,7 +2201,9 @@ CORO_JOBS_DECL void loop_impl::cancel_timer(std::uint64_t seq) {
 CORO_JOBS_DECL void loop_impl::drop_timer(const timer_entry& e) noexcept {
   if (e.fire == &callback_node::fire_timer) static_cast<callback_node*>(e.arg)->unref();
 }
-CORO_JOBS_DECL std::size_t loop_impl::live_timers() const noexcept { return timers.size() - dead_timers.size(); }
+CORO_JOBS_DECL std::size_t loop_impl::live_timers() const noexcept {
+  return timers.size() - dead_timers.size();
+}
 // ---- fds
 CORO_JOBS_DECL void loop_impl::add_fd(fd_owner* o, int fd, short events) {
   pfds.push_back({fd, events, 0});
@@ -2614,7 +2629,6 @@ CORO_JOBS_DECL void loop_impl::finish_now(job_ctx* j) {
   j->release();
 }
 
-
 // The top frame has ended (or was dropped unstarted): wake handle awaiters, report an error
 // that nobody can retrieve any more, and drop the frame's reference.
 CORO_JOBS_DECL void loop_impl::job_finished(job_ctx* j) {
@@ -2687,7 +2701,7 @@ CORO_JOBS_DECL void drop_handle(job_ctx* s) {
 // ---- What jobs and tasks ask of the loop (declared before the templates)
 
 CORO_JOBS_DECL void check_thread(loop_impl& l, const char* what) { l.check_thread(what); }
-CORO_JOBS_DECL event_loop& owner(loop_impl& l) noexcept { return *l.self; }
+CORO_JOBS_DECL event_loop& event_loop_of(loop_impl& l) noexcept { return *l.self; }
 CORO_JOBS_DECL void resume_next(loop_impl& l, std::coroutine_handle<> h) noexcept { l.next = h; }
 CORO_JOBS_DECL void enqueue(loop_impl& l, job_ctx* j, std::coroutine_handle<> h) { l.enqueue(j, h); }
 CORO_JOBS_DECL void job_finished(job_ctx* j) { j->loop->job_finished(j); }
@@ -2720,8 +2734,14 @@ CORO_JOBS_DECL void count_callback(loop_impl& l, bool waiting) noexcept {
     --l.outstanding;
 }
 CORO_JOBS_DECL void queue_progress(loop_impl& l, void (*deliver)(void*), std::shared_ptr<void> s) {
-  l.ready.push_back({deliver, s.get()});
-  l.progress_refs.push_back(std::move(s));  // kept alive until delivered
+  void* const p = s.get();
+  l.progress_refs.push_back(std::move(s));  // first: a queued delivery finds its state alive
+  try {
+    l.ready.push_back({deliver, p});
+  } catch (...) {
+    l.progress_refs.pop_back();
+    throw;
+  }
 }
 CORO_JOBS_DECL std::shared_ptr<void> take_progress_ref(loop_impl& l, const void* s) {
   return l.take_progress_ref(s);

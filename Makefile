@@ -28,7 +28,8 @@ $(BUILD)/test: test.cpp coro_jobs.hpp | $(BUILD) deps
 # templates only, and the loop's functions are compiled once, in the two-line file that a
 # project using this mode writes (generated here), then linked in. A third file only
 # includes the header: if the header defined anything non-inline outside the implementation
-# part, the link would fail with a duplicate symbol.
+# part, the link would fail with a duplicate symbol. (The default mode's several-file case
+# is the stress build: five files, each with every function inline.)
 SEPARATE := -DCORO_JOBS_SEPARATE_COMPILATION
 test-separate: $(BUILD)/test-separate
 	./$(BUILD)/test-separate

@@ -73,12 +73,12 @@
 //
 // SEPARATE COMPILATION (optional)
 //   By default every function is inline: include the header anywhere and nothing else is
-//   needed. Each file that includes it then also compiles the loop (about 1.7 s with g++
+//   needed. Each file that includes it then also compiles the loop (about 1.6 s with g++
 //   -O2). To compile the loop once instead, build every file of the program with
 //   -DCORO_JOBS_SEPARATE_COMPILATION and add one file that holds the loop's functions:
 //       #define CORO_JOBS_IMPLEMENTATION
 //       #include "coro_jobs.hpp"
-//   Every other file then sees the API and the templates only (bench W6: 0.87 s instead of
+//   Every other file then sees the API and the templates only (bench W6: 0.93 s instead of
 //   2.54 s for the smallest program). Costs about 2 ns per job switch: calls where the
 //   default inlines. Define CORO_JOBS_SEPARATE_COMPILATION in every file or in none.
 

@@ -120,6 +120,7 @@
 #include <string>
 #include <string_view>
 #include <system_error>  // std::system_error(EBADF) from watch() and wait_readable()
+#include <thread>        // std::thread::id: the thread a job's handles belong to
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -133,7 +134,6 @@
 #include <condition_variable>
 #include <cstdio>
 #include <deque>
-#include <thread>
 #include <unordered_set>
 
 #include <fcntl.h>
@@ -165,13 +165,21 @@ class sleep_op;
 struct sleep_for;
 class fd_op;
 template <class T> struct is_job : std::false_type {};
+template <class A> struct cancel_point;
+template <class T> struct shield_awaiter;
+template <class T> struct is_shield : std::false_type {};
+template <class T> struct is_shield<shield_awaiter<T>> : std::true_type {};
 template <class T> struct await_value;
+template <class T> struct await_result;
 template <class T> struct progress_state;
 }  // namespace detail
 
 /// Thrown at the co_await of a cancelled job, and by result() of a job that ended cancelled.
-struct job_cancelled : std::exception {
-  const char* what() const noexcept override { return "coro_jobs: job cancelled"; }
+/// Deliberately not a std::exception (like Python's CancelledError, a BaseException since
+/// 3.8): `catch (const std::exception&)` around a co_await must not swallow a cancel. A
+/// `catch (...)` does catch it: rethrow it (`throw;`).
+struct job_cancelled {
+  const char* what() const noexcept { return "coro_jobs: job cancelled"; }
 };
 
 /// Receives each error that nobody can retrieve any more: the job's name (or "post",
@@ -323,17 +331,23 @@ class [[nodiscard]] job {
   std::coroutine_handle<promise_type> h_;
 };
 
-/// A copyable reference to a started job. Belongs to the loop thread.
+/// A copyable, movable reference to a started job. Belongs to the loop thread: copying it
+/// on another thread throws std::logic_error; destroying it there hands its release to the
+/// loop thread (a post), so it never races with the loop.
 template <class T = void>
 class job_handle {
  public:
   job_handle() noexcept = default;
-  job_handle(const job_handle& o) noexcept;
-  job_handle& operator=(const job_handle& o) noexcept;
+  job_handle(const job_handle& o);
+  job_handle(job_handle&& o) noexcept : s_(std::exchange(o.s_, nullptr)) {}
+  job_handle& operator=(const job_handle& o);
+  job_handle& operator=(job_handle&& o) noexcept;
   ~job_handle();
+  /// False for a default-constructed or moved-from handle.
+  explicit operator bool() const noexcept { return s_ != nullptr; }
   /// Whether the job has ended (returned, thrown, or cancelled).
   bool done() const;
-  /// Cancels the job (see RULES); false if it had already ended.
+  /// Cancels the job (see RULES); false if it had already ended or the handle is empty.
   bool cancel();
   /// The job's value, or rethrows its exception (job_cancelled included); std::logic_error
   /// if it has not ended. A move-only value can be taken once.
@@ -442,6 +456,15 @@ struct timeout_error : std::exception {
 /// cancel of the awaiting job stays job_cancelled.
 template <class Rep, class Period, class A>
 job<await_value_t<A>> with_timeout(std::chrono::duration<Rep, Period> d, A awaitable);
+
+/// co_await shielded(a): runs a (a task, job or job_handle) to its end even if the awaiting
+/// job is cancelled meanwhile or already was: for cleanup that must still wait, such as
+/// saving a draft. It runs as a job of its own ("<name>/shielded") that the awaiting job's
+/// cancel does not reach; bound it with with_timeout inside: shielded(with_timeout(d, a)).
+/// Yields a's value or rethrows its error. A job scope's cancel_all() does not wait for a
+/// shielded wait to end (it would block the loop): the job ends after it, on the loop.
+template <class A>
+detail::shield_awaiter<typename detail::await_result<std::remove_cvref_t<A>>::type> shielded(A awaitable);
 
 /// Progress from any thread, seen on the loop thread. Make one in the job (it is bound to
 /// the loop and the callback), hand reporter() to the thread function, and the callback runs
@@ -640,6 +663,8 @@ class job_extras {
 // What one started job shares among its frames (root and children) and its handles.
 struct job_ctx {
   loop_impl* loop = nullptr;
+  loop_impl* home = nullptr;  // the loop it was started on; never changes (see drop_handle_elsewhere)
+  std::thread::id owner;      // that loop's thread
   op_base* pending = nullptr;       // the cancellable wait the job is suspended on, if any
   op_base* branches = nullptr;      // a when_all/when_any whose branches it owns, if any
   child_link* innermost = nullptr;  // the chain of children being awaited
@@ -654,6 +679,11 @@ struct job_ctx {
   std::uint32_t handles = 0;  // job_handle copies
   bool started = false, cancelled = false, done = false;
   bool error_is_cancel = false, error_seen = false;
+  // How far a cancel has reached the job's own code: job_cancelled not thrown into it yet,
+  // thrown (from then on every co_await yields to the loop before it throws, so a job that
+  // catches it in a loop cannot freeze the program), or thrown and then caught and ignored
+  // (reported once to the error handler).
+  enum class cancel_reach : std::uint8_t { not_thrown, thrown, went_on } reach = cancel_reach::not_thrown;
   bool in_room = false;  // built in the room in front of its root frame (see alloc_frame)
 
   virtual ~job_ctx() = default;
@@ -699,9 +729,11 @@ CORO_JOBS_DECL event_loop& current_loop();  // running on this thread, else the 
 CORO_JOBS_DECL void resume_next(loop_impl& l, std::coroutine_handle<> h) noexcept;  // loop_impl::resume()
 CORO_JOBS_DECL void enqueue(loop_impl& l, job_ctx* j, std::coroutine_handle<> h);  // resume h
 CORO_JOBS_DECL void job_finished(job_ctx* j);  // its top frame has ended
+CORO_JOBS_DECL void note_went_on(job_ctx* j);  // it caught job_cancelled and went on: report once
 CORO_JOBS_DECL void finish_now(job_ctx* j);    // cancel it and finish its unwinding now
 CORO_JOBS_DECL void report(loop_impl& l, std::string name, std::exception_ptr e);  // to the handler
 CORO_JOBS_DECL void drop_handle(job_ctx* s);  // the last handle reports an unseen error
+CORO_JOBS_DECL void drop_handle_elsewhere(job_ctx* s) noexcept;  // off the owner thread
 // start_job in three steps: reserve the ready slot (may throw); give it back if the state
 // cannot be made; or commit: list the job and fill its slot.
 CORO_JOBS_DECL void reserve_start(loop_impl& l);
@@ -844,6 +876,44 @@ inline bool is_cancellation(const std::exception_ptr& e) noexcept {
   }
 }
 
+// The one place that decides what cancellation does to a co_await in a job's code. Before
+// job_cancelled has been thrown into the job, a cancelled job's co_await throws it at once
+// (or, if the wait was already under way, the wait was withdrawn and resumes throwing it).
+// After that, each later co_await first yields to the loop, then throws: a job that catches
+// job_cancelled and goes on cannot hold the loop, and it is reported once (note_went_on).
+template <class A>  // an awaiter, or a reference to a task that is its own awaiter
+struct cancel_point {
+  A a;
+  job_ctx* ctx;
+  enum class path : std::uint8_t { wait, throw_now, yield_then_throw } how = path::wait;
+
+  bool await_ready() {
+    if (!ctx->cancelled) return a.await_ready();
+    if (ctx->reach == job_ctx::cancel_reach::not_thrown) {
+      how = path::throw_now;
+      return true;
+    }
+    detail::note_went_on(ctx);
+    how = path::yield_then_throw;
+    return false;
+  }
+  void await_suspend(std::coroutine_handle<> h) {
+    static_assert(std::is_void_v<decltype(a.await_suspend(h))>);
+    if (how == path::yield_then_throw) return detail::enqueue(*ctx->loop, ctx, h);
+    a.await_suspend(h);
+  }
+  decltype(auto) await_resume() {
+    if (how != path::wait) {
+      ctx->reach = std::max(ctx->reach, job_ctx::cancel_reach::thrown);
+      throw job_cancelled{};
+    }
+    // Cancelled during the wait: the awaiter throws job_cancelled (a child job may also
+    // have caught it and returned a value; either way it has reached the job's code).
+    if (ctx->cancelled) ctx->reach = std::max(ctx->reach, job_ctx::cancel_reach::thrown);
+    return a.await_resume();
+  }
+};
+
 struct final_awaiter {
   bool await_ready() noexcept { return false; }
   // A child hands control to its parent through the loop's resume() (no stack growth
@@ -874,19 +944,29 @@ struct promise_base {
   final_awaiter final_suspend() noexcept { return {}; }
   void unhandled_exception() noexcept { error = std::current_exception(); }
 
-  template <class U> job_awaiter<U> await_transform(job<U>&& j) noexcept { return {j, ctx}; }
-  template <class U> job_awaiter<U> await_transform(job<U>& j) noexcept { return {j, ctx}; }
-  template <class U> handle_awaiter<U> await_transform(const job_handle<U>& h) {
-    return handle_awaiter<U>(h, ctx);
+  // Every wait of a job's own code goes through a cancel_point, which decides what a
+  // cancel does to it; the library's internal waits (this_job, shielded, when_all's) do not.
+  template <class U> cancel_point<job_awaiter<U>> await_transform(job<U>&& j) noexcept {
+    return {job_awaiter<U>(j, ctx), ctx};
+  }
+  template <class U> cancel_point<job_awaiter<U>> await_transform(job<U>& j) noexcept {
+    return {job_awaiter<U>(j, ctx), ctx};
+  }
+  template <class U> cancel_point<handle_awaiter<U>> await_transform(const job_handle<U>& h) {
+    return {handle_awaiter<U>(h, ctx), ctx};
   }
   template <class A>
     requires std::derived_from<std::remove_cvref_t<A>, op_base>
-  A&& await_transform(A&& a) noexcept {
+  cancel_point<A&> await_transform(A&& a) noexcept {
     a.ctx_ = ctx;
-    return std::forward<A>(a);
+    return {a, ctx};
   }
   this_job_awaiter await_transform(this_job) noexcept { return {ctx}; }
-  sleep_op await_transform(sleep_for s) noexcept;
+  cancel_point<sleep_op> await_transform(sleep_for s) noexcept;
+  template <class U> shield_awaiter<U>&& await_transform(shield_awaiter<U>&& a) noexcept {
+    a.ctx = ctx;
+    return std::move(a);
+  }
   template <class A>
     requires internal_awaiter<A>  // when_all's own waits
   A&& await_transform(A&& a) noexcept {
@@ -895,7 +975,8 @@ struct promise_base {
   template <class A>
     requires(!std::derived_from<std::remove_cvref_t<A>, op_base> &&
              !is_job<std::remove_cvref_t<A>>::value && !is_handle<std::remove_cvref_t<A>>::value &&
-             !std::is_same_v<std::remove_cvref_t<A>, this_job> && !internal_awaiter<A>)
+             !std::is_same_v<std::remove_cvref_t<A>, this_job> && !internal_awaiter<A> &&
+             !is_shield<std::remove_cvref_t<A>>::value)
   A&& await_transform(A&& a) noexcept {
     static_assert(always_false<A>::value,
                   "a coro_jobs::job can co_await jobs, job_handles and coro_jobs tasks only "
@@ -1016,7 +1097,7 @@ struct handle_awaiter final : handle_waiter {
 // that waits. GCC keeps both the co_await operand and its awaiter in the frame, so a
 // one-word operand saves 40 bytes in every sleeping frame (bench W2: a million of them).
 // Outside a job (no await_transform), operator co_await makes one that throws logic_error.
-struct sleep_for {
+struct [[nodiscard]] sleep_for {
   duration d;
   sleep_op operator co_await() const noexcept;
 };
@@ -1038,10 +1119,12 @@ class sleep_op final : public op_base {
   std::uint64_t seq_ = 0;
 };
 
-inline sleep_op promise_base::await_transform(sleep_for s) noexcept { return {s.d, ctx}; }
+inline cancel_point<sleep_op> promise_base::await_transform(sleep_for s) noexcept {
+  return {sleep_op(s.d, ctx), ctx};
+}
 inline sleep_op sleep_for::operator co_await() const noexcept { return {d, nullptr}; }
 
-class fd_op final : public op_base, public fd_owner {
+class [[nodiscard]] fd_op final : public op_base, public fd_owner {
  public:
   fd_op(int fd, short events) noexcept : fd_(fd), events_(events) {}
   bool await_ready() const;
@@ -1119,7 +1202,7 @@ struct thread_work final : pool_task, thread_shared<R> {
 };
 
 template <class R, class Fn>
-class thread_op final : public op_base {
+class [[nodiscard]] thread_op final : public op_base {
  public:
   explicit thread_op(Fn fn) : fn_(std::move(fn)) {}
   bool await_ready() const {
@@ -1216,7 +1299,7 @@ constexpr bool is_canceller() {
 }
 
 template <class T, class Start>
-class callback_op final : public op_base {
+class [[nodiscard]] callback_op final : public op_base {
   using start_result = std::invoke_result_t<Start&, task_return<T>>;
   static_assert(is_canceller<start_result>(),
                 "callback_task: start must return void or a canceller callable with no arguments");
@@ -1339,6 +1422,7 @@ struct group final : op_base {
 // One branch: awaits `a` in a job of its own and hands the result to its slot and group.
 template <class A, class V>
 job<> branch(A a, group* g, std::size_t i, std::optional<V>* slot) {
+  job_ctx* const self = co_await this_job{};
   std::exception_ptr e;
   try {
     if constexpr (std::is_void_v<typename await_result<A>::type>) {
@@ -1351,6 +1435,7 @@ job<> branch(A a, group* g, std::size_t i, std::optional<V>* slot) {
     e = std::current_exception();
   }
   g->branch_done(i, std::move(e));
+  if (self->cancelled) throw job_cancelled{};  // its error, if any, went to the group
 }
 
 // Starts one branch job per awaitable, named after the awaiting job.
@@ -1375,6 +1460,45 @@ void start_branches(group& g, std::tuple<std::optional<await_value_t<A>>...>& sl
   };
   (one(branch(std::move(a), &g, I, &std::get<I>(slots)), I), ...);
 }
+
+// --- Shielded waits -------------------------------------------------------------------------
+
+template <class T, class A>
+job<T> shield_body(A a) {
+  if constexpr (std::is_void_v<T>)
+    co_await std::move(a);
+  else
+    co_return co_await std::move(a);
+}
+
+// Waits for the shielded job like a handle awaiter, but is never the job's `pending` wait,
+// so the awaiting job's cancel() does not reach it. Started at the co_await, not before:
+// shielded(a) built but never awaited runs nothing.
+template <class T>
+struct [[nodiscard]] shield_awaiter {
+  struct waiter final : handle_waiter {};
+  job<T> body;
+  job_ctx* ctx = nullptr;  // set by await_transform
+  job_handle<T> h;
+  waiter w;
+
+  explicit shield_awaiter(job<T> b) noexcept : body(std::move(b)) {}
+  shield_awaiter(shield_awaiter&& o) noexcept : body(std::move(o.body)), ctx(o.ctx) {}
+  bool await_ready() {
+    require_job(ctx);
+    h = start_job(event_loop_of(*ctx->loop), std::move(body), ctx->extra.name_or_job() + "/shielded");
+    return false;
+  }
+  void await_suspend(std::coroutine_handle<> hh) noexcept {
+    job_ctx* s = access::state(h);
+    w.ctx_ = ctx;
+    w.waiter_ = hh;
+    w.target = s;
+    w.next = s->waiters;
+    s->waiters = &w;
+  }
+  T await_resume() { return static_cast<job_state<T>*>(access::state(h))->get(); }
+};
 
 // --- Progress ------------------------------------------------------------------------------
 
@@ -1440,11 +1564,14 @@ void event_loop::set_watchdog(std::chrono::duration<Rep, Period> threshold, watc
 }
 
 template <class T>
-job_handle<T>::job_handle(const job_handle& o) noexcept : s_(o.s_) {
-  if (s_) ++s_->refs, ++s_->handles;
+job_handle<T>::job_handle(const job_handle& o) : s_(o.s_) {
+  if (!s_) return;
+  if (s_->owner != std::this_thread::get_id())
+    detail::fail_logic("coro_jobs: job_handle copied on a thread that does not own its loop");
+  ++s_->refs, ++s_->handles;
 }
 template <class T>
-job_handle<T>& job_handle<T>::operator=(const job_handle& o) noexcept {
+job_handle<T>& job_handle<T>::operator=(const job_handle& o) {
   if (this != &o) {
     job_handle tmp(o);
     std::swap(s_, tmp.s_);
@@ -1452,8 +1579,20 @@ job_handle<T>& job_handle<T>::operator=(const job_handle& o) noexcept {
   return *this;
 }
 template <class T>
+job_handle<T>& job_handle<T>::operator=(job_handle&& o) noexcept {
+  if (this != &o) {
+    job_handle tmp(std::move(o));
+    std::swap(s_, tmp.s_);
+  }
+  return *this;
+}
+template <class T>
 job_handle<T>::~job_handle() {
-  if (s_) detail::drop_handle(s_);
+  if (!s_) return;
+  if (s_->owner == std::this_thread::get_id())
+    detail::drop_handle(s_);
+  else
+    detail::drop_handle_elsewhere(s_);
 }
 template <class T>
 bool job_handle<T>::done() const {
@@ -1464,8 +1603,7 @@ bool job_handle<T>::done() const {
 }
 template <class T>
 bool job_handle<T>::cancel() {
-  if (!s_) throw std::invalid_argument("coro_jobs: cancel() of an empty job_handle");
-  if (s_->done) return false;
+  if (!s_ || s_->done) return false;
   detail::check_thread(*s_->loop, "coro_jobs: job_handle used from a thread that does not own the loop");
   return s_->cancel();
 }
@@ -1504,7 +1642,8 @@ job_handle<T> start_with(event_loop& loop, job<T>& j, std::string name, std::uni
     detail::unreserve_start(l);
     throw;
   }
-  s->loop = &l;
+  s->loop = s->home = &l;
+  s->owner = std::this_thread::get_id();
   s->extra = std::move(extra);
   s->root = h;
   s->refs = 2;  // the frame and the handle below
@@ -1615,6 +1754,12 @@ job<await_value_t<A>> with_timeout(std::chrono::duration<Rep, Period> d, A await
   auto r = co_await when_any(std::move(awaitable), sleep_task(d));
   if (r.index() == 1) throw timeout_error{};
   co_return std::get<0>(std::move(r));
+}
+
+template <class A>
+detail::shield_awaiter<typename detail::await_result<std::remove_cvref_t<A>>::type> shielded(A awaitable) {
+  using T = typename detail::await_result<std::remove_cvref_t<A>>::type;
+  return detail::shield_awaiter<T>(detail::shield_body<T>(std::move(awaitable)));
 }
 
 // ---- Progress
@@ -2621,7 +2766,9 @@ CORO_JOBS_DECL void loop_impl::finish_now(job_ctx* j) {
     // A when_all/when_any (waiting for its answer, or for its branches after it) has
     // branches that must end first, or the job would wait for them again.
     if (j->branches) j->branches->unwind_branches();
-    while (!j->done && j->resume_at) {  // a cancelled job's awaits throw: this ends
+    // A cancelled job's awaits throw, so this ends; unless the job catches job_cancelled
+    // and goes on, and then it is the loop's to run (it was reported), not ours.
+    while (!j->done && j->resume_at && j->reach != job_ctx::cancel_reach::went_on) {
       unqueue(nullptr, j);
       resume_job(j);
     }
@@ -2633,6 +2780,7 @@ CORO_JOBS_DECL void loop_impl::finish_now(job_ctx* j) {
 // that nobody can retrieve any more, and drop the frame's reference.
 CORO_JOBS_DECL void loop_impl::job_finished(job_ctx* j) {
   j->done = true;
+  if (!j->error && j->reach == job_ctx::cancel_reach::thrown) note_went_on(j);  // ended normally
   j->extra.drop_maker();
   for (handle_waiter* w = std::exchange(j->waiters, nullptr); w; w = w->next) {
     w->ctx_->pending = nullptr;
@@ -2666,6 +2814,17 @@ CORO_JOBS_DECL void loop_impl::run_start(void* p) {
   job_ctx* const outer = std::exchange(l->current, j);
   l->resume(j->root);
   l->current = outer;
+}
+
+// A job that caught job_cancelled and went on (awaited again, or ended normally) is a bug in
+// the job: reported once, naming it. It goes on unwinding: each later co_await throws again.
+CORO_JOBS_DECL void note_went_on(job_ctx* j) {
+  if (j->reach == job_ctx::cancel_reach::went_on) return;
+  j->reach = job_ctx::cancel_reach::went_on;
+  const std::string name = j->extra.name_or_job();
+  j->loop->report(name, std::make_exception_ptr(std::logic_error(
+                           "coro_jobs: job '" + name + "' caught job_cancelled and went on; "
+                           "rethrow it (catch (...) { ...; throw; })")));
 }
 
 // A job's error is seen by result() or an awaiter: it need not be reported any more.
@@ -2881,6 +3040,37 @@ CORO_JOBS_DECL event_loop& current_loop() {
   for (auto it = r.loops.rbegin(); it != r.loops.rend(); ++it)
     if (it->first == id) return *it->second;
   fail_logic("coro_jobs: start_job(job) found no event_loop on this thread; create one first or pass it");
+}
+
+// A job_handle destroyed on another thread must not touch the job's counts, which belong to
+// the loop thread: its release is posted there. The registry's lock keeps the loop alive
+// while we post. The release happens on the loop thread only: when the post runs, or when
+// the loop drops it unrun because it is being destroyed. If the loop is already gone,
+// nothing of the loop's can race any more, and the handle is released here.
+CORO_JOBS_DECL void drop_handle_elsewhere(job_ctx* s) noexcept {
+  struct release_later {
+    job_ctx* s;
+    std::atomic<bool> released{false};
+    explicit release_later(job_ctx* p) noexcept : s(p) {}
+    void release() noexcept {
+      if (!released.exchange(true)) drop_handle(s);
+    }
+    ~release_later() {
+      if (std::this_thread::get_id() == s->owner) release();
+    }
+  };
+  auto& r = registry();
+  std::lock_guard<std::mutex> lock(r.m);
+  for (const auto& [id, loop] : r.loops) {
+    if (&access::impl(*loop) != s->home) continue;
+    try {
+      auto keep = std::make_shared<release_later>(s);
+      loop->post([keep] { keep->release(); });
+    } catch (...) {  // out of memory: the reference leaks rather than races
+    }
+    return;
+  }
+  drop_handle(s);
 }
 
 }  // namespace detail

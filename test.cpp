@@ -326,7 +326,7 @@ TEST_CASE("an empty job_handle throws std::invalid_argument, also when awaited")
   event_loop loop;
   job_handle<int> empty;
   CHECK_THROWS_AS(empty.done(), std::invalid_argument);
-  CHECK_THROWS_AS(empty.cancel(), std::invalid_argument);
+  CHECK_FALSE(empty.cancel());
   CHECK_THROWS_AS(empty.result(), std::invalid_argument);
   bool threw = false;
   start_job(loop, [&]() -> job<> {
@@ -1221,8 +1221,9 @@ TEST_CASE("cancel() of a job waiting on a callback task calls the canceller and 
   CHECK(errors.names.empty());
 }
 
-TEST_CASE("every co_await after cancellation throws job_cancelled at once") {
+TEST_CASE("every co_await after cancellation throws job_cancelled, each after a yield to the loop") {
   event_loop loop;
+  error_log log(loop);
   int thrown = 0;
   pipe_fds p;
   auto h = start_job(loop, [&]() -> job<> {
@@ -1231,25 +1232,21 @@ TEST_CASE("every co_await after cancellation throws job_cancelled at once") {
     } catch (const job_cancelled&) {
       ++thrown;
     }
-    auto count = [&](auto&& awaitable) -> job<> {
-      try {
-        co_await std::forward<decltype(awaitable)>(awaitable);
-      } catch (const job_cancelled&) {
-        ++thrown;
-      }
-    };
-    (void)count;
     try { co_await sleep_task(0s); } catch (const job_cancelled&) { ++thrown; }
     try { co_await threaded_task([] {}); } catch (const job_cancelled&) { ++thrown; }
     try { co_await callback_task<>([](task_return<> r) { r(); }); } catch (const job_cancelled&) { ++thrown; }
     try { co_await wait_readable(p.r); } catch (const job_cancelled&) { ++thrown; }
     try { co_await value_of(1); } catch (const job_cancelled&) { ++thrown; }
-  });
+  }, "stubborn");
   loop.run_once();
   h.cancel();
+  const auto before = loop.stats().iterations;
   drain(loop);
   CHECK(thrown == 6);
   CHECK(h.done());
+  CHECK(loop.stats().iterations - before >= 6);  // one iteration per later co_await at least
+  REQUIRE(log.names.size() == 1);                // it went on after job_cancelled: once
+  CHECK(log.names[0] == "stubborn");
 }
 
 TEST_CASE("cancelling a job cancels the child it is awaiting") {
@@ -2090,3 +2087,242 @@ TEST_CASE("when_all or with_timeout of a job's own handle throws std::logic_erro
   CHECK(threw);
   CHECK(self.done());
 }
+
+// ------------------------------------------------------------------ cancellation rules
+TEST_SUITE("cancellation rules") {
+
+static_assert(!std::is_base_of_v<std::exception, job_cancelled>);
+
+TEST_CASE("catch (const std::exception&) around a co_await does not catch job_cancelled") {
+  event_loop loop;
+  int caught = 0;
+  auto h = start_job(loop, [&]() -> job<> {
+    for (;;) {
+      try {
+        co_await sleep_task(100ms);
+      } catch (const std::exception&) {
+        ++caught;
+      }
+    }
+  });
+  loop.run_once();
+  h.cancel();
+  drain(loop);
+  CHECK(caught == 0);
+  CHECK_THROWS_AS(h.result(), job_cancelled);
+}
+
+TEST_CASE("a job that swallows every job_cancelled cannot freeze the loop, and is reported once by name") {
+  event_loop loop;
+  error_log log(loop);
+  long swallowed = 0;
+  auto h = start_job(loop, [&]() -> job<> {
+    for (;;) {
+      try {
+        co_await sleep_task(1h);
+      } catch (...) {
+        ++swallowed;
+      }
+    }
+  }, "save");
+  loop.run_once();
+  h.cancel();
+  bool fired = false;
+  loop.call_later(20ms, [&] { fired = true; });
+  CHECK(run_until(loop, [&] { return fired && swallowed > 10; }));
+  loop.post([&] { loop.quit(); });
+  loop.run();  // quit() is honoured although the job keeps going
+  REQUIRE(log.names.size() == 1);
+  CHECK(log.names[0] == "save");
+  CHECK(log.whats[0].find("job 'save' caught job_cancelled and went on") != std::string::npos);
+  CHECK_FALSE(h.done());
+}
+
+TEST_CASE("a job that catches job_cancelled and then ends normally is reported once") {
+  event_loop loop;
+  error_log log(loop);
+  auto h = start_job(loop, [&]() -> job<int> {
+    try {
+      co_await sleep_task(1h);
+    } catch (const job_cancelled&) {
+    }
+    co_return 7;
+  }, "quiet");
+  loop.run_once();
+  h.cancel();
+  drain(loop);
+  CHECK(h.result() == 7);
+  REQUIRE(log.names.size() == 1);
+  CHECK(log.names[0] == "quiet");
+}
+
+TEST_CASE("a job that rethrows job_cancelled from its catch block is not reported") {
+  event_loop loop;
+  error_log log(loop);
+  int cleaned = 0;
+  auto h = start_job(loop, [&]() -> job<> {
+    try {
+      co_await sleep_task(1h);
+    } catch (...) {
+      ++cleaned;
+      throw;
+    }
+  });
+  loop.run_once();
+  h.cancel();
+  drain(loop);
+  CHECK(cleaned == 1);
+  CHECK(log.names.empty());
+  CHECK_THROWS_AS(h.result(), job_cancelled);
+}
+
+TEST_CASE("a cancelled when_all, when_any or with_timeout is not reported as going on") {
+  event_loop loop;
+  error_log log(loop);
+  auto a = start_job(loop, []() -> job<> { co_await when_all(sleep_task(1h), sleep_task(2h)); });
+  auto b = start_job(loop, []() -> job<> { co_await when_any(sleep_task(1h), sleep_task(2h)); });
+  auto c = start_job(loop, []() -> job<> { co_await with_timeout(1h, sleep_task(2h)); });
+  loop.run_once();
+  loop.run_once();
+  a.cancel(), b.cancel(), c.cancel();
+  drain(loop);
+  CHECK(log.names.empty());
+  CHECK_THROWS_AS(a.result(), job_cancelled);
+  CHECK_THROWS_AS(c.result(), job_cancelled);
+}
+
+job<int> slow_save(int& saves, std::chrono::milliseconds d) {
+  co_await sleep_task(d);
+  co_return ++saves;
+}
+
+TEST_CASE("shielded runs its awaitable to the end in a cancelled job, and the next co_await throws") {
+  event_loop loop;
+  error_log log(loop);
+  int saves = 0, got = 0;
+  bool after = false;
+  auto h = start_job(loop, [&]() -> job<> {
+    bool cancelled = false;
+    try {
+      co_await sleep_task(1h);
+    } catch (const job_cancelled&) {
+      cancelled = true;
+    }
+    if (cancelled) {
+      got = co_await shielded(slow_save(saves, 5ms));
+      co_await sleep_task(0s);  // throws job_cancelled again
+      after = true;
+    }
+  }, "editor");
+  loop.run_once();
+  h.cancel();
+  drain(loop);
+  CHECK(saves == 1);
+  CHECK(got == 1);
+  CHECK_FALSE(after);
+  CHECK_THROWS_AS(h.result(), job_cancelled);
+  CHECK(log.names.size() == 1);  // the co_await after the cleanup went on; the cleanup did not
+}
+
+TEST_CASE("a cancel that arrives during a shielded wait does not stop it") {
+  event_loop loop;
+  int saves = 0;
+  auto h = start_job(loop, [&]() -> job<int> { co_return co_await shielded(slow_save(saves, 20ms)); });
+  loop.run_once();
+  loop.run_once();
+  CHECK(h.cancel());
+  drain(loop);
+  CHECK(saves == 1);
+  CHECK(h.result() == 1);  // it ended normally without another co_await
+}
+
+TEST_CASE("shielded(with_timeout(d, a)) bounds the cleanup by the timeout") {
+  event_loop loop(loop_options{0, true});
+  int saves = 0;
+  bool timed_out = false;
+  auto h = start_job(loop, [&]() -> job<> {
+    bool cancelled = false;
+    try {
+      co_await sleep_task(1h);
+    } catch (const job_cancelled&) {
+      cancelled = true;
+    }
+    if (!cancelled) co_return;
+    try {
+      co_await shielded(with_timeout(1s, slow_save(saves, 10s)));
+    } catch (const timeout_error&) {
+      timed_out = true;
+    }
+    throw job_cancelled{};
+  });
+  error_log log(loop);
+  loop.run_once();
+  h.cancel();
+  loop.advance(2s);
+  CHECK(log.names.empty());  // shielded cleanup, then rethrown: not "going on"
+  CHECK(timed_out);
+  CHECK(saves == 0);
+  CHECK(h.done());
+}
+
+TEST_CASE("an error inside shielded is rethrown at its co_await") {
+  event_loop loop;
+  auto h = start_job(loop, []() -> job<int> { co_return co_await shielded(fails_with("disk full")); });
+  drain(loop);
+  CHECK_THROWS_WITH_AS(h.result(), "disk full", std::runtime_error);
+}
+
+}  // TEST_SUITE("cancellation rules")
+
+// --------------------------------------------------------------------------- handles
+TEST_SUITE("handles") {
+
+TEST_CASE("moving a job_handle leaves the source empty and the target referring to the job") {
+  event_loop loop;
+  auto a = start_job(loop, value_of(3));
+  job_handle<int> b = std::move(a);
+  CHECK_FALSE(a);
+  CHECK(b);
+  job_handle<int> c;
+  c = std::move(b);
+  CHECK_FALSE(b);
+  CHECK_FALSE(a.cancel());
+  drain(loop);
+  CHECK(c.result() == 3);
+}
+
+TEST_CASE("cancel() of an empty job_handle returns false") {
+  job_handle<> none;
+  CHECK_FALSE(none);
+  CHECK_FALSE(none.cancel());
+}
+
+TEST_CASE("copying a job_handle on another thread throws std::logic_error") {
+  event_loop loop;
+  auto h = start_job(loop, value_of(1));
+  bool threw = false;
+  std::thread([&] {
+    try {
+      job_handle<int> copy(h);
+    } catch (const std::logic_error&) {
+      threw = true;
+    }
+  }).join();
+  CHECK(threw);
+  drain(loop);
+}
+
+TEST_CASE("a job_handle destroyed on another thread is released on the loop thread, its error reported once") {
+  event_loop loop;
+  error_log log(loop);
+  auto h = start_job(loop, fails_with("lost"), "worker");
+  drain(loop);
+  CHECK(log.names.empty());  // the handle may still read it
+  std::thread([moved = std::move(h)]() mutable { job_handle<int> dying = std::move(moved); }).join();
+  CHECK(log.names.empty());  // not on the other thread
+  CHECK(run_until(loop, [&] { return log.names.size() == 1; }));
+  CHECK(log.names[0] == "worker");
+  CHECK(log.whats[0] == "lost");
+}
+
+}  // TEST_SUITE("handles")

@@ -5,15 +5,23 @@ BUILD    ?= build
 WARN     := -Wall -Wextra -Wpedantic -Werror
 REQUIRED := -std=c++20 -I. -pthread
 
-.PHONY: all run test test-separate stress bench bench-build asan tsan stress-asan stress-tsan warnings deps clean
+.PHONY: all run test nodiscard test-separate stress bench bench-build asan tsan stress-asan stress-tsan warnings deps clean
 
 all: $(BUILD)/demo $(BUILD)/test
 
 run: $(BUILD)/demo
 	./$(BUILD)/demo
 
-test: $(BUILD)/test
+test: $(BUILD)/test nodiscard
 	./$(BUILD)/test
+
+# Every task type is [[nodiscard]]: a forgotten co_await must not compile (tests/nodiscard.cpp).
+nodiscard:
+	@for c in 1 2 3 4 5 6; do \
+	  if $(CXX) $(REQUIRED) $(WARN) -DCASE=$$c -fsyntax-only tests/nodiscard.cpp 2>/dev/null; then \
+	    echo "tests/nodiscard.cpp CASE=$$c compiled: a task is missing [[nodiscard]]"; exit 1; fi; \
+	done; echo "nodiscard: 6 forgotten co_awaits rejected"
+	@$(CXX) $(REQUIRED) $(WARN) -DCASE=0 -fsyntax-only tests/nodiscard.cpp
 
 $(BUILD):
 	mkdir -p $@

@@ -9,7 +9,7 @@
 //     using namespace coro_jobs; using namespace std::chrono_literals;
 //     job<int> my_job(int a, int b) {
 //         auto slept = co_await sleep_task(100ms);                     // the loop keeps running
-//         int sum = co_await threaded_task([=] { return a + b; });     // runs on a worker thread
+//         int sum = co_await threaded_task(std::plus<>{}, a, b);       // f(a, b) on a worker thread
 //         co_return sum;
 //     }
 //     int main() {
@@ -35,7 +35,8 @@
 //   callback_task<T>(start)         co_await: start(task_return<T>) is called; the job resumes
 //                                   when task_return(value) is called, from any thread, once
 //   wait_readable(fd) / wait_writable(fd)   co_await: poll's revents
-//   job_cancelled                   thrown at the co_await of a cancelled job
+//   job_cancelled                   thrown at the co_await of a cancelled job (no std::exception)
+//   shielded(a)                     co_await: a runs to its end although the job is cancelled
 //
 // COMPOSITION AND CONTROL
 //   when_all(a, b, ...)             co_await: std::tuple of results (void: std::monostate)
@@ -59,10 +60,16 @@
 //     handler itself leaves run() / run_once().
 //   Cancellation: cancel() removes the job's pending timer or fd wait, makes a waiting
 //     callback task's task_return a no-op (and calls its canceller), requests the stop token
-//     of a running thread function and drops its result; the job then resumes, on a later
-//     iteration, with job_cancelled thrown from its co_await, so its destructors run. Every
-//     later co_await in it throws job_cancelled at once. Children it awaits are cancelled with
-//     it. A job cancelled before its body started ends without running it.
+//     of a running thread function; the job then resumes, on a later iteration, with
+//     job_cancelled thrown from its co_await, so its destructors run. job_cancelled is not a
+//     std::exception; catch (...) catches it: rethrow it. Every later co_await in the job
+//     yields to the loop, then throws job_cancelled again; a job that catches it and goes on
+//     (awaits again, or ends normally) is reported once to the error handler. Cleanup that
+//     must wait: co_await shielded(a). Children it awaits are cancelled with it. A job
+//     cancelled before its body started ends without running it.
+//   Handles: copyable and movable; copying one off the loop thread throws std::logic_error,
+//     destroying one there posts its release to the loop thread. cancel() of an empty
+//     handle returns false. Every task type is [[nodiscard]].
 //   Lifetime: destroying the loop destroys every job frame it still has (their handles then
 //     report job_cancelled), drops queued work, and requests the stop token of running thread
 //     functions; workers that finish later find nobody to deliver to and discard the result.

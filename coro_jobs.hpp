@@ -3057,13 +3057,14 @@ CORO_JOBS_DECL event_loop& current_loop() {
 CORO_JOBS_DECL void drop_handle_elsewhere(job_ctx* s) noexcept {
   struct release_later {
     job_ctx* s;
+    std::thread::id owner;  // copied: s may be freed by release()
     std::atomic<bool> released{false};
-    explicit release_later(job_ctx* p) noexcept : s(p) {}
+    explicit release_later(job_ctx* p) noexcept : s(p), owner(p->owner) {}
     void release() noexcept {
       if (!released.exchange(true)) drop_handle(s);
     }
     ~release_later() {
-      if (std::this_thread::get_id() == s->owner) release();
+      if (std::this_thread::get_id() == owner) release();
     }
   };
   auto& r = registry();

@@ -695,21 +695,29 @@ struct job_ctx {
   bool in_room = false;  // built in the room in front of its root frame (see alloc_frame)
 
   virtual ~job_ctx() = default;
+  // The complete object's address (the room: the frame's whole allocation), and its result
+  // type's tag (type_tag<T>): what dynamic_cast would give, without RTTI (-fno-rtti builds).
+  virtual void* memory() noexcept = 0;
+  virtual const void* type() const noexcept = 0;
   bool cancel() noexcept;
   void release() noexcept {
     if (--refs > 0) return;
     if (!in_room) return delete this;
-    void* const memory = dynamic_cast<void*>(this);  // the room: the frame's whole allocation
+    void* const m = memory();
     this->~job_ctx();
-    ::operator delete(memory);
+    ::operator delete(m);
   }
   void rethrow_if_error();
 };
+
+template <class T> inline constexpr char type_tag = 0;  // one address per T, in every file
 
 template <class T>
 struct job_state final : job_ctx {
   std::optional<T> value;
   bool taken = false;
+  void* memory() noexcept override { return this; }
+  const void* type() const noexcept override { return &type_tag<T>; }
   T get() {
     rethrow_if_error();
     if constexpr (std::is_copy_constructible_v<T>) {
@@ -723,6 +731,8 @@ struct job_state final : job_ctx {
 };
 template <>
 struct job_state<void> final : job_ctx {
+  void* memory() noexcept override { return this; }
+  const void* type() const noexcept override { return &type_tag<void>; }
   void get() { rethrow_if_error(); }
 };
 
@@ -1053,6 +1063,10 @@ struct job_awaiter {
   bool await_ready() {
     require_job(ctx);
     if (!child) throw std::invalid_argument("coro_jobs: co_await of an empty job (moved-from or already awaited)");
+    // Another job (holding a reference to the same job object) already awaits it: its frame
+    // has a parent, and resuming it a second time would run a frame that may be gone.
+    if (child.promise().continuation)
+      throw std::invalid_argument("coro_jobs: co_await of a job that is already being awaited");
     return ctx->cancelled;
   }
   void await_suspend(std::coroutine_handle<> parent) noexcept {
@@ -1832,8 +1846,9 @@ std::optional<job_handle<T>> job_scope::apply_policy(const std::string& name, re
   }
   for (detail::job_ctx* old : jobs_) {
     if (old->done || old->extra.name() != name) continue;
-    auto* s = dynamic_cast<detail::job_state<T>*>(old);
-    if (!s) detail::fail_logic("coro_jobs: job_scope: a running job of that name has another result type");
+    if (old->type() != &detail::type_tag<T>)
+      detail::fail_logic("coro_jobs: job_scope: a running job of that name has another result type");
+    auto* s = static_cast<detail::job_state<T>*>(old);
     job_handle<T> h;
     detail::access::state(h) = s;
     ++s->refs, ++s->handles;

@@ -2349,3 +2349,30 @@ TEST_CASE("the usable CPU count follows the thread's affinity mask, not the mach
 }
 
 }  // TEST_SUITE("threads and cancellation")
+
+TEST_SUITE("composition and scopes") {
+
+TEST_CASE("a second co_await of a job object that another job awaits throws std::invalid_argument") {
+  event_loop loop;
+  job<int> j = []() -> job<int> {
+    co_await sleep_task(1ms);
+    co_return 7;
+  }();
+  int first = 0;
+  bool second_threw = false;
+  auto a = start_job(loop, [&]() -> job<> { first = co_await std::move(j); });
+  auto b = start_job(loop, [&]() -> job<> {
+    try {
+      co_await std::move(j);
+    } catch (const std::invalid_argument&) {
+      second_threw = true;
+    }
+  });
+  drain(loop);
+  CHECK(second_threw);
+  CHECK(first == 7);
+  CHECK(a.done());
+  CHECK(b.done());
+}
+
+}  // TEST_SUITE("composition and scopes")

@@ -410,7 +410,9 @@ class task_return {
     if (auto* s = claim()) s->set_value();
   }
   /// Completes the task by throwing e at the co_await.
+  /// A null e throws std::invalid_argument here (the task stays pending).
   void fail(std::exception_ptr e) const {
+    if (!e) throw std::invalid_argument("coro_jobs: task_return::fail(nullptr)");
     if (auto* s = claim()) s->set_error(std::move(e));
   }
 
@@ -1558,8 +1560,17 @@ struct progress_state : std::enable_shared_from_this<progress_state<T>> {
     loop_impl* l = s->loop;
     std::shared_ptr<void> keep = detail::take_progress_ref(*l, s);
     if (!s->alive || !v) return;
+    // Called from a local: a callback that ends the job destroys the progress object,
+    // whose destructor would otherwise free the function (and its captures) mid-call.
+    struct put_back {
+      progress_state* s;
+      std::function<void(T)> fn;
+      ~put_back() {
+        if (s->alive) s->on_progress = std::move(fn);
+      }
+    } running{s, std::move(s->on_progress)};
     try {
-      s->on_progress(std::move(*v));
+      running.fn(std::move(*v));
     } catch (...) {
       detail::report(*l, "progress", std::current_exception());
     }
@@ -2393,12 +2404,18 @@ CORO_JOBS_DECL void loop_impl::report(std::string name, std::exception_ptr e) {
   ready.push_back({&run_report, this});
 }
 CORO_JOBS_DECL void loop_impl::call_handler(std::string_view name, std::exception_ptr e) {
-  if (on_error) return on_error(name, std::move(e));
+  // A copy: the handler may replace itself (set_error_handler) while it runs.
+  if (on_error) {
+    const error_handler fn = on_error;
+    return fn(name, std::move(e));
+  }
   print_error(name, e);
 }
 CORO_JOBS_DECL void loop_impl::print_error(std::string_view name, const std::exception_ptr& e) noexcept {
   try {
     std::rethrow_exception(e);
+  } catch (const slow_step& x) {  // not a failure; its what() is the whole report
+    std::fprintf(stderr, "%s\n", x.what());
   } catch (const std::exception& x) {
     std::fprintf(stderr, "coro_jobs: %.*s failed: %s\n", int(name.size()), name.data(), x.what());
   } catch (...) {
@@ -2542,7 +2559,8 @@ CORO_JOBS_DECL void loop_impl::run_items_watched() {
       if (held > watchdog) {
         const char* w = who(it, name);
         if (on_slow) {
-          on_slow(w, held);
+          const watchdog_handler fn = on_slow;  // a copy: it may call set_watchdog
+          fn(w, held);
         } else {
           const auto us = std::chrono::duration_cast<std::chrono::microseconds>(held).count();
           report(w, std::make_exception_ptr(slow_step(

@@ -2376,3 +2376,83 @@ TEST_CASE("a second co_await of a job object that another job awaits throws std:
 }
 
 }  // TEST_SUITE("composition and scopes")
+
+TEST_SUITE("errors and callbacks") {
+TEST_CASE("an error handler that replaces itself keeps its captures until it returns") {
+  event_loop loop;
+  auto text = std::make_shared<std::string>("a capture that must stay alive");
+  std::string seen;
+  loop.set_error_handler([&loop, &seen, text](std::string_view, std::exception_ptr) {
+    loop.set_error_handler([](std::string_view, std::exception_ptr) {});
+    seen = *text;  // freed here if the running handler was destroyed
+  });
+  text.reset();
+  start_job(loop, fails_with("x"));
+  drain(loop);
+  CHECK(seen == "a capture that must stay alive");
+}
+
+TEST_CASE("a watchdog handler that replaces itself keeps its captures until it returns") {
+  event_loop loop;
+  auto text = std::make_shared<std::string>("a capture that must stay alive");
+  std::string seen;
+  loop.set_watchdog(1ms, [&loop, &seen, text](std::string_view, steady_clock::duration) {
+    loop.set_watchdog(0ms);
+    seen = *text;
+  });
+  text.reset();
+  loop.post([] {
+    const auto end = steady_clock::now() + 5ms;
+    while (steady_clock::now() < end) {
+    }
+  });
+  drain(loop);
+  CHECK(seen == "a capture that must stay alive");
+}
+
+TEST_CASE("task_return::fail(nullptr) throws std::invalid_argument at the call") {
+  event_loop loop;
+  bool threw = false;
+  auto h = start_job(loop, [&]() -> job<int> {
+    co_return co_await callback_task<int>([&](task_return<int> done) {
+      try {
+        done.fail(nullptr);
+      } catch (const std::invalid_argument&) {
+        threw = true;
+      }
+      done(7);
+    });
+  });
+  drain(loop);
+  CHECK(threw);
+  CHECK(h.result() == 7);
+}
+
+TEST_CASE("the default watchdog report says who held the loop, without 'failed' or a doubled prefix") {
+  event_loop loop;
+  loop.set_watchdog(1ms);
+  fflush(stderr);
+  const int saved = ::dup(2);
+  char path[] = "/tmp/coro_jobs_stderrXXXXXX";
+  const int fd = ::mkstemp(path);
+  REQUIRE(fd >= 0);
+  ::dup2(fd, 2);
+  start_job(loop, []() -> job<> {
+    const auto end = steady_clock::now() + 5ms;
+    while (steady_clock::now() < end) {
+    }
+    co_return;
+  }, "load_settings");
+  drain(loop);
+  fflush(stderr);
+  ::dup2(saved, 2);
+  ::close(saved);
+  ::close(fd);
+  std::ifstream f(path);
+  std::string text((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  ::unlink(path);
+  CHECK(text.rfind("coro_jobs: load_settings held the loop for ", 0) == 0);
+  CHECK(text.find("failed") == std::string::npos);
+  CHECK(text.find("coro_jobs: coro_jobs") == std::string::npos);
+}
+}

@@ -140,6 +140,7 @@
 #include <time.h>
 #include <unistd.h>
 #ifdef __linux__
+#include <sched.h>  // sched_getaffinity
 #include <sys/prctl.h>
 #endif
 #endif
@@ -712,6 +713,7 @@ CORO_JOBS_DECL const std::shared_ptr<inbox>& inbox_of(loop_impl& l) noexcept;
 CORO_JOBS_DECL bool post_remote(inbox& b, std::function<void()> fn);  // any thread
 CORO_JOBS_DECL void submit_thread(loop_impl& l, std::shared_ptr<pool_task> work);
 CORO_JOBS_DECL void thread_returned(loop_impl& l) noexcept;  // its completion arrived
+CORO_JOBS_DECL unsigned usable_cpus() noexcept;  // CPUs this thread may run on (its affinity mask)
 CORO_JOBS_DECL void count_callback(loop_impl& l, bool waiting) noexcept;  // a callback task
 CORO_JOBS_DECL void queue_progress(loop_impl& l, void (*deliver)(void*), std::shared_ptr<void> s);
 CORO_JOBS_DECL std::shared_ptr<void> take_progress_ref(loop_impl& l, const void* s);
@@ -1725,7 +1727,7 @@ namespace detail {
 // Never on one CPU, where the waiting thread would only delay the one it waits for.
 template <class Done>
 bool spin_until(Done done) {
-  static const bool worth_it = std::thread::hardware_concurrency() > 1;
+  static const bool worth_it = usable_cpus() > 1;
   if (!worth_it) return done();
   const auto stop = std::chrono::steady_clock::now() + std::chrono::microseconds(50);
   while (!done()) {
@@ -2089,8 +2091,7 @@ CORO_JOBS_DECL std::shared_ptr<void> loop_impl::take_progress_ref(const void* s)
 }
 CORO_JOBS_DECL loop_impl::loop_impl(event_loop* s, std::size_t workers) : self(s) {
   if (workers == 0) {
-    const unsigned hw = std::thread::hardware_concurrency();
-    workers = std::min<std::size_t>(32, (hw ? hw : 1) + 4);
+    workers = std::min<std::size_t>(32, std::size_t(usable_cpus()) + 4);
   }
   pool->max = workers;
 #ifdef __linux__
@@ -2726,6 +2727,16 @@ CORO_JOBS_DECL void submit_thread(loop_impl& l, std::shared_ptr<pool_task> work)
 CORO_JOBS_DECL void thread_returned(loop_impl& l) noexcept {
   --l.outstanding;
   --l.threads_out;
+}
+// hardware_concurrency() counts the machine's CPUs; `taskset -c 0` leaves one usable.
+CORO_JOBS_DECL unsigned usable_cpus() noexcept {
+#ifdef __linux__
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (::sched_getaffinity(0, sizeof set, &set) == 0 && CPU_COUNT(&set) > 0) return unsigned(CPU_COUNT(&set));
+#endif
+  const unsigned hw = std::thread::hardware_concurrency();
+  return hw ? hw : 1;
 }
 CORO_JOBS_DECL void count_callback(loop_impl& l, bool waiting) noexcept {
   if (waiting)

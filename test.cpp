@@ -7,6 +7,7 @@
 
 #include <malloc.h>
 #include <pthread.h>
+#include <sched.h>
 #include <sys/resource.h>
 
 #include <array>
@@ -2090,3 +2091,25 @@ TEST_CASE("when_all or with_timeout of a job's own handle throws std::logic_erro
   CHECK(threw);
   CHECK(self.done());
 }
+
+TEST_SUITE("threads and cancellation") {
+
+TEST_CASE("the usable CPU count follows the thread's affinity mask, not the machine's CPU count") {
+  unsigned under_mask = 0, expected = 0;
+  std::thread t([&] {  // a fresh thread, so that no other thread's mask changes
+    cpu_set_t one;
+    CPU_ZERO(&one);
+    CPU_SET(0, &one);
+    if (::sched_setaffinity(0, sizeof one, &one) != 0) return;
+    cpu_set_t now;
+    CPU_ZERO(&now);
+    if (::sched_getaffinity(0, sizeof now, &now) == 0) expected = unsigned(CPU_COUNT(&now));
+    under_mask = detail::usable_cpus();
+  });
+  t.join();
+  CHECK(expected == 1);
+  CHECK(under_mask == expected);
+  CHECK(detail::usable_cpus() >= 1);
+}
+
+}  // TEST_SUITE("threads and cancellation")

@@ -2112,4 +2112,30 @@ TEST_CASE("the usable CPU count follows the thread's affinity mask, not the mach
   CHECK(detail::usable_cpus() >= 1);
 }
 
+TEST_CASE("cancel() of a job whose thread function is still queued withdraws it: it never runs") {
+  event_loop loop(1);
+  std::atomic<bool> a_started{false}, release{false}, b_ran{false};
+  bool b_waiting = false;
+  start_job(loop, [&]() -> job<> {
+    co_await threaded_task([&] {
+      a_started = true;
+      while (!release) std::this_thread::yield();
+    });
+  });
+  REQUIRE(run_until(loop, [&] { return a_started.load(); }));
+  auto b = start_job(loop, [&]() -> job<> {
+    b_waiting = true;
+    co_await threaded_task([&] { b_ran = true; });
+  });
+  REQUIRE(run_until(loop, [&] { return b_waiting; }));
+  CHECK(loop.stats().outstanding == 2);
+  CHECK(b.cancel());
+  CHECK(loop.stats().outstanding == 1);  // run() does not wait for it
+  CHECK(run_until(loop, [&] { return b.done(); }));
+  CHECK_THROWS_AS(b.result(), job_cancelled);
+  release = true;
+  drain(loop);
+  CHECK_FALSE(b_ran.load());
+}
+
 }  // TEST_SUITE("threads and cancellation")

@@ -764,6 +764,7 @@ CORO_JOBS_DECL const std::shared_ptr<inbox>& inbox_of(loop_impl& l) noexcept;
 CORO_JOBS_DECL bool post_remote(inbox& b, std::function<void()> fn);  // any thread
 CORO_JOBS_DECL void submit_thread(loop_impl& l, std::shared_ptr<pool_task> work);
 CORO_JOBS_DECL void thread_returned(loop_impl& l) noexcept;  // its completion arrived
+CORO_JOBS_DECL bool withdraw_thread(loop_impl& l, pool_task* t) noexcept;  // still queued: never runs
 CORO_JOBS_DECL unsigned usable_cpus() noexcept;  // CPUs this thread may run on (its affinity mask)
 CORO_JOBS_DECL void count_callback(loop_impl& l, bool waiting) noexcept;  // a callback task
 CORO_JOBS_DECL void queue_progress(loop_impl& l, void (*deliver)(void*), std::shared_ptr<void> s);
@@ -1238,6 +1239,7 @@ class [[nodiscard]] thread_op final : public op_base {
     loop_impl& l = *ctx_->loop;
     auto work = std::make_shared<thread_work<R, Fn>>(std::move(fn_), detail::inbox_of(l), &l);
     work->op = this;
+    task_ = work.get();
     sh_ = work;
     waiter_ = h;
     detail::submit_thread(l, std::move(work));
@@ -1249,12 +1251,14 @@ class [[nodiscard]] thread_op final : public op_base {
   }
   void cancel_op() noexcept override {
     sh_->abandoned = true;
+    if (detail::withdraw_thread(*ctx_->loop, task_)) return;  // it never runs
     sh_->stop.request_stop();
   }
   const char* what() const noexcept override { return "threaded_task"; }
 
  private:
   Fn fn_;
+  pool_task* task_ = nullptr;
   std::shared_ptr<thread_shared<R>> sh_;
 };
 
@@ -2053,6 +2057,7 @@ struct worker_pool {
   void kick() noexcept;  // the loop, once per iteration: wakes idle workers for queued work
   void work_loop();      // a worker thread's body
   void stop();           // the loop's destructor: drops queued work, lets workers exit
+  std::shared_ptr<pool_task> withdraw(pool_task* t);  // t out of the queue, if it is there
 };
 
 // Queues work without waking anyone: the loop calls kick() once per iteration, after its
@@ -2105,6 +2110,15 @@ CORO_JOBS_DECL void worker_pool::work_loop() {
     lock.lock();
   }
   --threads;
+}
+CORO_JOBS_DECL std::shared_ptr<pool_task> worker_pool::withdraw(pool_task* t) {
+  std::lock_guard<std::mutex> lock(m);
+  auto it = std::find_if(queue.begin(), queue.end(), [t](const auto& q) { return q.get() == t; });
+  if (it == queue.end()) return nullptr;
+  auto out = std::move(*it);
+  queue.erase(it);
+  queued.store(queue.size(), std::memory_order_relaxed);
+  return out;
 }
 CORO_JOBS_DECL void worker_pool::stop() {
   std::deque<std::shared_ptr<pool_task>> dropped;
@@ -2928,6 +2942,13 @@ CORO_JOBS_DECL void thread_returned(loop_impl& l) noexcept {
   --l.threads_out;
 }
 // hardware_concurrency() counts the machine's CPUs; `taskset -c 0` leaves one usable.
+// A cancelled job's function that no worker has taken yet is taken out of the queue: it
+// never runs, and the job need not wait for it.
+CORO_JOBS_DECL bool withdraw_thread(loop_impl& l, pool_task* t) noexcept {
+  if (!l.pool->withdraw(t)) return false;
+  thread_returned(l);
+  return true;
+}
 CORO_JOBS_DECL unsigned usable_cpus() noexcept {
 #ifdef __linux__
   cpu_set_t set;

@@ -1521,11 +1521,12 @@ TEST_CASE("a second error in when_all while it unwinds reaches the error handler
 TEST_CASE("cancelling a job waiting in when_all cancels every branch and unwinds them first") {
   event_loop loop(manual());
   live::count = 0;
-  std::atomic<bool> stop_seen{false};
+  std::atomic<bool> stop_seen{false}, started{false};
   int live_at_cancel = -1;
   auto h = start_job(loop, [&]() -> job<> {
     try {
       co_await when_all(after(1h, 1), threaded_task([&](std::stop_token st) {
+                          started = true;
                           while (!st.stop_requested()) std::this_thread::yield();
                           stop_seen = true;
                         }));
@@ -1540,7 +1541,9 @@ TEST_CASE("cancelling a job waiting in when_all cancels every branch and unwinds
   CHECK(h.done());
   CHECK_THROWS_AS(h.result(), job_cancelled);
   CHECK(live_at_cancel == 0);
-  CHECK(run_until(loop, [&] { return stop_seen.load(); }));
+  drain(loop);  // a function still queued at the cancel never runs; a running one sees stop
+  CHECK(stop_seen.load() == started.load());
+  CHECK(loop.stats().outstanding == 0);
 }
 
 TEST_CASE("when_any yields the index and value of the first to finish, after the losers unwound") {
@@ -2346,6 +2349,32 @@ TEST_CASE("the usable CPU count follows the thread's affinity mask, not the mach
   CHECK(expected == 1);
   CHECK(under_mask == expected);
   CHECK(detail::usable_cpus() >= 1);
+}
+
+TEST_CASE("cancel() of a job whose thread function is still queued withdraws it: it never runs") {
+  event_loop loop(1);
+  std::atomic<bool> a_started{false}, release{false}, b_ran{false};
+  bool b_waiting = false;
+  start_job(loop, [&]() -> job<> {
+    co_await threaded_task([&] {
+      a_started = true;
+      while (!release) std::this_thread::yield();
+    });
+  });
+  REQUIRE(run_until(loop, [&] { return a_started.load(); }));
+  auto b = start_job(loop, [&]() -> job<> {
+    b_waiting = true;
+    co_await threaded_task([&] { b_ran = true; });
+  });
+  REQUIRE(run_until(loop, [&] { return b_waiting; }));
+  CHECK(loop.stats().outstanding == 2);
+  CHECK(b.cancel());
+  CHECK(loop.stats().outstanding == 1);  // run() does not wait for it
+  CHECK(run_until(loop, [&] { return b.done(); }));
+  CHECK_THROWS_AS(b.result(), job_cancelled);
+  release = true;
+  drain(loop);
+  CHECK_FALSE(b_ran.load());
 }
 
 }  // TEST_SUITE("threads and cancellation")

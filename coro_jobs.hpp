@@ -929,10 +929,15 @@ struct cancel_point {
       ctx->reach = std::max(ctx->reach, job_ctx::cancel_reach::thrown);
       throw job_cancelled{};
     }
-    // Cancelled during the wait: the awaiter throws job_cancelled (a child job may also
-    // have caught it and returned a value; either way it has reached the job's code).
-    if (ctx->cancelled) ctx->reach = std::max(ctx->reach, job_ctx::cancel_reach::thrown);
-    return a.await_resume();
+    if (!ctx->cancelled) return a.await_resume();
+    // Cancelled during the wait: the awaiter throws job_cancelled, unless what it waited for
+    // had already ended (a child that returned before its own job cancelled it).
+    try {
+      return a.await_resume();
+    } catch (const job_cancelled&) {
+      ctx->reach = std::max(ctx->reach, job_ctx::cancel_reach::thrown);
+      throw;
+    }
   }
 };
 

@@ -2195,6 +2195,20 @@ TEST_CASE("a cancelled when_all, when_any or with_timeout is not reported as goi
   CHECK_THROWS_AS(c.result(), job_cancelled);
 }
 
+TEST_CASE("a job that cancels itself in a child that then returns is not reported as going on") {
+  event_loop loop;
+  error_log log(loop);
+  job_handle<int> self;
+  auto child = [&]() -> job<int> {
+    self.cancel();  // no co_await follows in the child
+    co_return 1;
+  };
+  self = start_job(loop, [&]() -> job<int> { co_return co_await child(); });
+  drain(loop);
+  CHECK(self.result() == 1);
+  CHECK(log.names.empty());
+}
+
 job<int> slow_save(int& saves, std::chrono::milliseconds d) {
   co_await sleep_task(d);
   co_return ++saves;

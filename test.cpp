@@ -116,6 +116,21 @@ struct pipe_fds {
   }
 };
 
+loop_options manual() {
+  loop_options o;
+  o.manual_clock = true;
+  return o;
+}
+job<int> after(std::chrono::milliseconds d, int v) {
+  live guard;
+  co_await sleep_task(d);
+  co_return v;
+}
+job<int> fail_after(std::chrono::milliseconds d, std::string what) {
+  live guard;
+  co_await sleep_task(d);
+  throw std::runtime_error(what);
+}
 job<int> value_of(int v) { co_return v; }
 job<> set_flag(bool& flag) {
   flag = true;
@@ -129,6 +144,7 @@ job<int> fails_with(std::string what) {
 }  // namespace
 
 // ---------------------------------------------------------------------------------- jobs
+TEST_SUITE("jobs") {
 
 TEST_CASE("a started job does not run until the loop's next iteration") {
   event_loop loop;
@@ -417,8 +433,10 @@ TEST_CASE("100,000 nested child jobs run without stack overflow") {
   });
   CHECK(result == 100'000);
 }
+}  // TEST_SUITE
 
 // ---------------------------------------------------------------------------------- loop
+TEST_SUITE("loop") {
 
 TEST_CASE("post runs callbacks in FIFO order on the loop thread, from any thread") {
   event_loop loop;
@@ -669,8 +687,10 @@ TEST_CASE("after a thread function, the loop and its workers use no measurable C
   MESSAGE("500 ms sleep after two thread functions: " << used.count() << " us CPU");
   CHECK(used < 20ms);  // spinning workers would use about a second
 }
+}  // TEST_SUITE
 
 // --------------------------------------------------------------------------------- sleep
+TEST_SUITE("sleep") {
 
 TEST_CASE("sleep_task never resumes before its deadline and yields the elapsed time") {
   event_loop loop;
@@ -755,8 +775,10 @@ TEST_CASE("sleep_task of a huge duration saturates instead of wrapping") {
   CHECK(resumed == 0);
   CHECK_THROWS_AS(h1.result(), job_cancelled);
 }
+}  // TEST_SUITE
 
 // ------------------------------------------------------------------------------ threads
+TEST_SUITE("threads") {
 
 TEST_CASE("threaded_task runs f on a worker thread and resumes the job on the loop thread") {
   event_loop loop;
@@ -895,8 +917,10 @@ TEST_CASE("threaded_task moves move-only arguments and results across threads") 
   drain(loop);
   CHECK(h.result() == 8);
 }
+}  // TEST_SUITE
 
 // ------------------------------------------------------------------------------ callbacks
+TEST_SUITE("callbacks") {
 
 TEST_CASE("callback_task resumes the job with the value given to task_return from another thread") {
   event_loop loop;
@@ -980,8 +1004,10 @@ TEST_CASE("a callback_task whose start throws rethrows at the co_await") {
   CHECK_THROWS_AS(h.result(), std::domain_error);
   CHECK(loop.stats().outstanding == 0);
 }
+}  // TEST_SUITE
 
 // ------------------------------------------------------------------------------ fds
+TEST_SUITE("fds") {
 
 TEST_CASE("wait_readable resumes when the fd becomes readable") {
   event_loop loop;
@@ -1041,8 +1067,10 @@ TEST_CASE("an fd closed while waited on fails the wait with EBADF and does not m
   CHECK(code == EBADF);
   CHECK(iterations < 10);
 }
+}  // TEST_SUITE
 
 // ------------------------------------------------------------------------------ errors
+TEST_SUITE("errors") {
 
 TEST_CASE("an error of a job without handles reaches the error handler exactly once, with its name") {
   event_loop loop;
@@ -1159,8 +1187,10 @@ TEST_CASE("an exception thrown by the error handler leaves run(), and the loop c
   loop.run();
   CHECK(later);
 }
+}  // TEST_SUITE
 
 // ------------------------------------------------------------------------------ cancel
+TEST_SUITE("cancellation") {
 
 TEST_CASE("cancel() of a sleeping job removes its timer and throws job_cancelled at its co_await") {
   event_loop loop;
@@ -1318,8 +1348,10 @@ TEST_CASE("a job may cancel itself; its next co_await throws job_cancelled") {
   CHECK_FALSE(after);
   CHECK_THROWS_AS(self.result(), job_cancelled);
 }
+}  // TEST_SUITE
 
 // ------------------------------------------------------------------------------ lifetime
+TEST_SUITE("lifetime") {
 
 TEST_CASE("destroying a loop with pending work destroys every job frame, and late workers are harmless") {
   live::count = 0;
@@ -1383,23 +1415,6 @@ TEST_CASE("destroying a loop with 100,000 nested jobs pending does not overflow 
 
 // ============================================================ composition (manual clock)
 
-namespace {
-loop_options manual() {
-  loop_options o;
-  o.manual_clock = true;
-  return o;
-}
-job<int> after(std::chrono::milliseconds d, int v) {
-  live guard;
-  co_await sleep_task(d);
-  co_return v;
-}
-job<int> fail_after(std::chrono::milliseconds d, std::string what) {
-  live guard;
-  co_await sleep_task(d);
-  throw std::runtime_error(what);
-}
-}  // namespace
 
 TEST_CASE("a manual clock moves only through advance(), so a 3 s sleep ends at exactly 3 s") {
   event_loop loop(manual());
@@ -1947,8 +1962,10 @@ TEST_CASE("a post from another thread wakes a loop asleep on its futex (no fd wa
   posts_from_another_thread_wake(loop);
   keep.cancel();
 }
+}  // TEST_SUITE
 
 // ------------------------------------------------- regressions found by review
+TEST_SUITE("regressions found by review") {
 
 TEST_CASE("cancelling a timer that is due but has not run yet leaves nothing pending") {
   event_loop loop;
@@ -2091,6 +2108,7 @@ TEST_CASE("when_all or with_timeout of a job's own handle throws std::logic_erro
   CHECK(threw);
   CHECK(self.done());
 }
+}  // TEST_SUITE
 
 // ------------------------------------------------------------------ cancellation rules
 TEST_SUITE("cancellation rules") {

@@ -59,9 +59,13 @@
 //     job_cancelled is not an error and is never reported. An exception thrown by the error
 //     handler itself leaves run() / run_once().
 //   Cancellation: cancel() removes the job's pending timer or fd wait, makes a waiting
-//     callback task's task_return a no-op (and calls its canceller), requests the stop token
-//     of a running thread function; the job then resumes, on a later iteration, with
-//     job_cancelled thrown from its co_await, so its destructors run. job_cancelled is not a
+//     callback task's task_return a no-op (and calls its canceller), withdraws a queued
+//     thread function and requests the stop token of a running one; the job then resumes, on
+//     a later iteration (after its thread function has returned), with job_cancelled thrown
+//     from its co_await, so its destructors run. job_scope::cancel_all(), ~job_scope and the
+//     losers of when_any/with_timeout wait for those functions, blocking the loop thread until
+//     they honour their stop tokens (the watchdog names the job); threaded_task(
+//     abandon_on_cancel, f) is not waited for. job_cancelled is not a
 //     std::exception; catch (...) catches it: rethrow it. Every later co_await in the job
 //     yields to the loop, then throws job_cancelled again; a job that catches it and goes on
 //     (awaits again, or ends normally) is reported once to the error handler. Cleanup that
@@ -70,9 +74,9 @@
 //   Handles: copyable and movable; copying one off the loop thread throws std::logic_error,
 //     destroying one there posts its release to the loop thread. cancel() of an empty
 //     handle returns false. Every task type is [[nodiscard]].
-//   Lifetime: destroying the loop destroys every job frame it still has (their handles then
-//     report job_cancelled), drops queued work, and requests the stop token of running thread
-//     functions; workers that finish later find nobody to deliver to and discard the result.
+//   Lifetime: destroying the loop requests the stop token of every running thread function
+//     and waits for each (except abandoned ones), drops queued work, destroys every job frame
+//     it still has (their handles then report job_cancelled) and joins the workers.
 //   Bad input: empty jobs and handles throw std::invalid_argument; misuse of a loop
 //     (wrong thread, run() inside run()) throws std::logic_error; a bad fd throws
 //     std::system_error(EBADF); durations saturate (negative = next iteration, huge = never);
@@ -388,10 +392,26 @@ auto start_job(F&& make, std::string name = {});
 template <class Rep, class Period>
 detail::sleep_for sleep_task(std::chrono::duration<Rep, Period> d);
 
+/// The tag of threaded_task(abandon_on_cancel, f, args...), below.
+struct abandon_on_cancel_t {
+  explicit abandon_on_cancel_t() = default;
+};
+inline constexpr abandon_on_cancel_t abandon_on_cancel{};
+
 /// co_await threaded_task(f, args...): runs f(args...) (or f(stop_token, args...)) on a
-/// worker thread; yields its result on the loop thread or rethrows its exception.
+/// worker thread; yields its result on the loop thread or rethrows its exception. When the
+/// job is cancelled, the stop token is requested and the job resumes (with job_cancelled)
+/// only after f has returned: f may use what the job's frame and its scope own until then.
 template <class F, class... Args>
+  requires(!std::is_same_v<std::remove_cvref_t<F>, abandon_on_cancel_t>)
 auto threaded_task(F&& f, Args&&... args);
+
+/// co_await threaded_task(abandon_on_cancel, f, args...): the same, for a call that cannot
+/// be stopped: a cancel lets the job go on unwinding at once while f still runs, its result
+/// dropped. f may then touch only what it owns (its decay-copied arguments and captures,
+/// shared_ptrs it holds); the loop's destructor does not wait for it.
+template <class F, class... Args>
+auto threaded_task(abandon_on_cancel_t, F&& f, Args&&... args);
 
 /// The completion callback of a callback_task: call it exactly once, from any thread.
 /// A second call only reports a std::logic_error to the error handler; if every copy is
@@ -594,6 +614,11 @@ struct op_base {
   job_ctx* ctx_ = nullptr;
   std::coroutine_handle<> waiter_;
   virtual void cancel_op() noexcept = 0;
+  // After cancel_op: true while the job must still wait for the op's work to stop (a thread
+  // function that is running); the op then resumes the job itself, with job_cancelled.
+  virtual bool holds_job() const noexcept { return false; }
+  // Blocks until that work has stopped, then lets the job go (job scopes, the destructor).
+  virtual void wait_stopped() noexcept {}
   virtual const char* what() const noexcept = 0;  // for event_loop::jobs()
   virtual void unwind_branches() noexcept {}      // when_all/when_any: for job scopes
   void park() noexcept;  // the job now waits on this op (ctx_->pending), since now
@@ -607,6 +632,13 @@ struct op_base {
 // trip through the inbox), not one per layer.
 struct pool_task {
   virtual void run(std::shared_ptr<pool_task>& self) = 0;  // on a worker
+  // Set once the function has returned and its captures are destroyed (or the pool dropped
+  // it unrun). A cancelled job waits for it, so nothing the function touches dies first.
+  std::atomic<bool> returned{false};
+  void mark_returned() noexcept {
+    returned.store(true, std::memory_order_release);
+    returned.notify_all();
+  }
 
  protected:
   ~pool_task() = default;
@@ -765,6 +797,9 @@ CORO_JOBS_DECL bool post_remote(inbox& b, std::function<void()> fn);  // any thr
 CORO_JOBS_DECL void submit_thread(loop_impl& l, std::shared_ptr<pool_task> work);
 CORO_JOBS_DECL void thread_returned(loop_impl& l) noexcept;  // its completion arrived
 CORO_JOBS_DECL bool withdraw_thread(loop_impl& l, pool_task* t) noexcept;  // still queued: never runs
+CORO_JOBS_DECL void abandon_thread(loop_impl& l, std::shared_ptr<pool_task> t) noexcept;  // may still run
+// Blocks until t's function has returned; the watchdog names j if that holds the loop.
+CORO_JOBS_DECL void wait_for_thread(loop_impl& l, job_ctx* j, const pool_task& t) noexcept;
 CORO_JOBS_DECL unsigned usable_cpus() noexcept;  // CPUs this thread may run on (its affinity mask)
 CORO_JOBS_DECL void count_callback(loop_impl& l, bool waiting) noexcept;  // a callback task
 CORO_JOBS_DECL void queue_progress(loop_impl& l, void (*deliver)(void*), std::shared_ptr<void> s);
@@ -1193,19 +1228,16 @@ struct result_box<void> {
   }
 };
 
-// What a worker thread and the awaiting job share. `abandoned` and `op` belong to the loop
-// thread; the worker writes only `result` before handing the state to the inbox.
-template <class R>
-struct thread_shared {
+// The function, its result and the way back to the loop, in one allocation. `abandoned`
+// and `op` belong to the loop thread; the worker writes only `result` and `returned` before
+// it hands the state to the inbox. `abandoned`: the job no longer waits for the completion
+// (withdrawn unrun, waited for by a job scope, or let go by abandon_on_cancel).
+template <class R, class Fn>
+struct thread_work final : pool_task {
   std::stop_source stop;
   result_box<R> result;
   op_base* op = nullptr;
   bool abandoned = false;
-};
-
-// The function, its result and the way back to the loop, in one allocation.
-template <class R, class Fn>
-struct thread_work final : pool_task, thread_shared<R> {
   std::optional<Fn> fn;
   std::shared_ptr<inbox> box;  // outlives the loop, for a worker that finishes late
   loop_impl* loop;
@@ -1221,50 +1253,65 @@ struct thread_work final : pool_task, thread_shared<R> {
       this->result.error = std::current_exception();
     }
     fn.reset();  // the function's captures die on the worker, as with std::thread
+    mark_returned();
     std::shared_ptr<inbox> b = box;
     detail::post_remote(*b, [me = std::static_pointer_cast<thread_work>(std::move(self))] { me->arrived(); });
   }
   void arrived() {  // on the loop thread
+    if (abandoned) return;  // counted out when it was abandoned
     detail::thread_returned(*loop);
-    if (this->abandoned) return;
-    this->op->ctx_->pending = nullptr;
-    detail::enqueue(*loop, this->op->ctx_, this->op->waiter_);
+    op->ctx_->pending = nullptr;
+    detail::enqueue(*loop, op->ctx_, op->waiter_);
   }
 };
 
 template <class R, class Fn>
 class [[nodiscard]] thread_op final : public op_base {
  public:
-  explicit thread_op(Fn fn) : fn_(std::move(fn)) {}
+  thread_op(Fn fn, bool abandon) : fn_(std::move(fn)), abandon_(abandon) {}
   bool await_ready() const {
     require_job(ctx_);
     return ctx_->cancelled;
   }
   void await_suspend(std::coroutine_handle<> h) {
     loop_impl& l = *ctx_->loop;
-    auto work = std::make_shared<thread_work<R, Fn>>(std::move(fn_), detail::inbox_of(l), &l);
-    work->op = this;
-    task_ = work.get();
-    sh_ = work;
+    work_ = std::make_shared<thread_work<R, Fn>>(std::move(fn_), detail::inbox_of(l), &l);
+    work_->op = this;
     waiter_ = h;
-    detail::submit_thread(l, std::move(work));
+    detail::submit_thread(l, work_);
     park();
   }
   R await_resume() {
     if (ctx_->cancelled) throw job_cancelled{};
-    return sh_->result.take();
+    return work_->result.take();
   }
+  // A queued function is withdrawn and never runs. A running one is asked to stop, and the
+  // job waits for it to return (holds_job), unless it was started with abandon_on_cancel.
   void cancel_op() noexcept override {
-    sh_->abandoned = true;
-    if (detail::withdraw_thread(*ctx_->loop, task_)) return;  // it never runs
-    sh_->stop.request_stop();
+    loop_impl& l = *ctx_->loop;
+    if (detail::withdraw_thread(l, work_.get())) {
+      work_->abandoned = true;
+      return;
+    }
+    work_->stop.request_stop();
+    if (abandon_) let_go(l, true);
+  }
+  bool holds_job() const noexcept override { return !work_->abandoned; }
+  void wait_stopped() noexcept override {
+    detail::wait_for_thread(*ctx_->loop, ctx_, *work_);
+    let_go(*ctx_->loop, false);
   }
   const char* what() const noexcept override { return "threaded_task"; }
 
  private:
+  void let_go(loop_impl& l, bool running) noexcept {
+    work_->abandoned = true;
+    detail::thread_returned(l);  // run() does not wait for it any more
+    if (running) detail::abandon_thread(l, work_);
+  }
   Fn fn_;
-  pool_task* task_ = nullptr;
-  std::shared_ptr<thread_shared<R>> sh_;
+  bool abandon_;
+  std::shared_ptr<thread_work<R, Fn>> work_;
 };
 
 template <class T>
@@ -1726,8 +1773,9 @@ detail::sleep_for sleep_task(std::chrono::duration<Rep, Period> d) {
   return {detail::saturate(d)};
 }
 
+namespace detail {
 template <class F, class... Args>
-auto threaded_task(F&& f, Args&&... args) {
+auto make_thread_op(bool abandon, F&& f, Args&&... args) {
   // Decay-copied like std::thread's arguments: the worker must not refer to the job's frame.
   auto call = [f = std::forward<F>(f), ... a = std::forward<Args>(args)](std::stop_token st) mutable
       -> decltype(auto) {
@@ -1737,7 +1785,18 @@ auto threaded_task(F&& f, Args&&... args) {
       return std::invoke(f, std::move(a)...);
   };
   using R = std::decay_t<std::invoke_result_t<decltype(call)&, std::stop_token>>;
-  return detail::thread_op<R, decltype(call)>(std::move(call));
+  return thread_op<R, decltype(call)>(std::move(call), abandon);
+}
+}  // namespace detail
+
+template <class F, class... Args>
+  requires(!std::is_same_v<std::remove_cvref_t<F>, abandon_on_cancel_t>)
+auto threaded_task(F&& f, Args&&... args) {
+  return detail::make_thread_op(false, std::forward<F>(f), std::forward<Args>(args)...);
+}
+template <class F, class... Args>
+auto threaded_task(abandon_on_cancel_t, F&& f, Args&&... args) {
+  return detail::make_thread_op(true, std::forward<F>(f), std::forward<Args>(args)...);
 }
 
 template <class T>
@@ -2047,13 +2106,14 @@ CORO_JOBS_DECL void inbox::close() {
 
 // --- Worker pool ------------------------------------------------------------------------
 
-// Threads are started on demand up to `max` and then stay until the loop is destroyed. They
-// are detached and own the pool through a shared_ptr: the loop's destructor never waits for
-// a thread function that ignores its stop token.
+// Threads are started on demand up to `max` and then stay until the loop is destroyed, which
+// joins them; or detaches them if one runs an abandoned function. They own the pool through
+// a shared_ptr, so a detached one finishes safely after the loop is gone.
 struct worker_pool {
   std::mutex m;
   std::condition_variable cv;
   std::deque<std::shared_ptr<pool_task>> queue;
+  std::vector<std::thread> workers;  // the loop thread's only
   std::size_t max = 1, threads = 0, idle = 0;
   bool stopping = false;
   std::atomic<std::size_t> queued{0};  // queue.size(), readable without the lock while spinning
@@ -2062,6 +2122,7 @@ struct worker_pool {
   void kick() noexcept;  // the loop, once per iteration: wakes idle workers for queued work
   void work_loop();      // a worker thread's body
   void stop();           // the loop's destructor: drops queued work, lets workers exit
+  void release_workers(bool join);  // then: joins them, or detaches them
   std::shared_ptr<pool_task> withdraw(pool_task* t);  // t out of the queue, if it is there
 };
 
@@ -2078,7 +2139,8 @@ CORO_JOBS_DECL void worker_pool::submit(const std::shared_ptr<worker_pool>& p,
   if (p->idle >= p->queue.size() || p->threads >= p->max) return;
   ++p->threads;
   try {
-    std::thread([p] { p->work_loop(); }).detach();
+    p->workers.reserve(p->workers.size() + 1);
+    p->workers.emplace_back([p] { p->work_loop(); });
   } catch (...) {
     --p->threads;
     p->queue.pop_back();
@@ -2131,8 +2193,14 @@ CORO_JOBS_DECL void worker_pool::stop() {
     std::lock_guard<std::mutex> lock(m);
     stopping = true;
     dropped.swap(queue);
+    queued.store(0, std::memory_order_relaxed);
   }
   cv.notify_all();
+  for (auto& t : dropped) t->mark_returned();
+}
+CORO_JOBS_DECL void worker_pool::release_workers(bool join) {
+  for (std::thread& t : workers) join ? t.join() : t.detach();
+  workers.clear();
 }
 
 // A timer entry fires by calling fire(arg, loop) when its deadline is due. `seq` breaks ties
@@ -2195,6 +2263,8 @@ struct loop_impl {
   // the kick at the end of each iteration is the only one needed.
   bool kick_pool = false;
   void kick_pool_if_needed() noexcept;
+  std::vector<std::shared_ptr<pool_task>> abandoned;  // by abandon_on_cancel, maybe running
+  bool detach_workers = false;  // one abandoned function could not be recorded
   std::size_t outstanding = 0;  // thread functions running + callback tasks waiting
   std::size_t threads_out = 0;  // thread functions running (they wake the loop by themselves)
   std::uint64_t iterations = 0, polls = 0;  // for stats(): benchmarks and the idle test
@@ -2229,6 +2299,7 @@ struct loop_impl {
   void finish_now(job_ctx* j);  // cancels j and finishes its unwinding before returning
   void run_items();
   void run_items_watched();
+  void report_slow(const std::string& who, duration held);  // to on_slow, else the handler
   const char* who(const ready_item& it, std::string& name) const;
 
   // The one place job frames are resumed. A frame that awaits a child, or a child that
@@ -2575,23 +2646,24 @@ CORO_JOBS_DECL void loop_impl::run_items_watched() {
       else
         it.run(it.arg);
       const auto held = clock_type::now() - t0;
-      if (held > watchdog) {
-        const char* w = who(it, name);
-        if (on_slow) {
-          const watchdog_handler fn = on_slow;  // a copy: it may call set_watchdog
-          fn(w, held);
-        } else {
-          const auto us = std::chrono::duration_cast<std::chrono::microseconds>(held).count();
-          report(w, std::make_exception_ptr(slow_step(
-                        "coro_jobs: " + std::string(w) + " held the loop for " +
-                        std::to_string(us / 1000) + "." + std::to_string(us % 1000 / 100) + " ms")));
-        }
-      }
+      if (held > watchdog) report_slow(who(it, name), held);
     }
   } catch (...) {
     ready.insert(ready.begin(), running.begin() + std::ptrdiff_t(i) + 1, running.end());
     running.clear();
     throw;
+  }
+}
+
+CORO_JOBS_DECL void loop_impl::report_slow(const std::string& w, duration held) {
+  if (on_slow) {
+    const watchdog_handler fn = on_slow;  // a copy: it may call set_watchdog
+    fn(w, held);
+  } else {
+    const auto us = std::chrono::duration_cast<std::chrono::microseconds>(held).count();
+    report(w, std::make_exception_ptr(slow_step("coro_jobs: " + w + " held the loop for " +
+                                                std::to_string(us / 1000) + "." +
+                                                std::to_string(us % 1000 / 100) + " ms")));
   }
 }
 
@@ -2678,15 +2750,24 @@ CORO_JOBS_DECL void loop_impl::run_report(void* self) {
 CORO_JOBS_DECL loop_impl::~loop_impl() {
   closing = true;
   box->close();  // later completions from workers and task_returns are dropped
-  pool->stop();  // queued thread functions never run; running ones finish on their own
+  // Every wait is cancelled first, so that all running thread functions are asked to stop
+  // at once; then each is waited for before its job's frame dies (as std::jthread joins).
+  for (job_ctx* j = jobs; j; j = j->next) {
+    if (j->done) continue;
+    j->cancelled = true;
+    if (op_base* p = std::exchange(j->pending, nullptr)) {
+      p->cancel_op();
+      if (p->holds_job()) j->pending = p;
+    }
+  }
+  pool->stop();  // queued thread functions never run
   while (job_ctx* j = jobs) {
     unlink(j);
     if (j->done) {  // ended with an error a handle may still read
       j->loop = nullptr;
       continue;
     }
-    j->cancelled = true;
-    if (op_base* p = std::exchange(j->pending, nullptr)) p->cancel_op();
+    if (op_base* p = std::exchange(j->pending, nullptr)) p->wait_stopped();
     while (child_link* c = j->innermost) {  // innermost first: no deep recursion
       j->innermost = c->outer;
       c->destroy(c->slot);
@@ -2700,6 +2781,11 @@ CORO_JOBS_DECL loop_impl::~loop_impl() {
     j->loop = nullptr;
     j->release();
   }
+  // The workers are joined, unless one still runs a function its job abandoned.
+  const bool still_running = std::any_of(abandoned.begin(), abandoned.end(), [](const auto& t) {
+    return !t->returned.load(std::memory_order_acquire);
+  });
+  pool->release_workers(!still_running && !detach_workers);
   for (const timer_entry& e : timers) drop_timer(e);
   for (std::size_t i = 1; i < fd_owners.size(); ++i)  // job waits are gone: only watches
     static_cast<callback_node*>(fd_owners[i])->unref();
@@ -2803,7 +2889,10 @@ CORO_JOBS_DECL bool job_ctx::cancel() noexcept {
   if (op_base* p = pending) {
     pending = nullptr;
     p->cancel_op();
-    loop->enqueue(this, p->waiter_);
+    if (p->holds_job())
+      pending = p;  // a thread function still runs: p resumes the job when it returns
+    else
+      loop->enqueue(this, p->waiter_);
   }
   return true;
 }
@@ -2823,6 +2912,11 @@ CORO_JOBS_DECL void loop_impl::finish_now(job_ctx* j) {
     run_start(j);
   } else {
     j->cancel();
+    if (op_base* p = j->pending) {  // its thread function runs: wait until it has returned
+      p->wait_stopped();
+      j->pending = nullptr;
+      enqueue(j, p->waiter_);
+    }
     // A when_all/when_any (waiting for its answer, or for its branches after it) has
     // branches that must end first, or the job would wait for them again.
     if (j->branches) j->branches->unwind_branches();
@@ -2953,6 +3047,25 @@ CORO_JOBS_DECL bool withdraw_thread(loop_impl& l, pool_task* t) noexcept {
   if (!l.pool->withdraw(t)) return false;
   thread_returned(l);
   return true;
+}
+CORO_JOBS_DECL void abandon_thread(loop_impl& l, std::shared_ptr<pool_task> t) noexcept {
+  std::erase_if(l.abandoned, [](const auto& a) { return a->returned.load(std::memory_order_acquire); });
+  try {
+    l.abandoned.push_back(std::move(t));
+  } catch (...) {  // unrecorded, it cannot be waited for: the workers are then left detached
+    l.detach_workers = true;
+  }
+}
+CORO_JOBS_DECL void wait_for_thread(loop_impl& l, job_ctx* j, const pool_task& t) noexcept {
+  const auto t0 = clock_type::now();
+  t.returned.wait(false, std::memory_order_acquire);
+  const auto held = clock_type::now() - t0;
+  if (l.watchdog <= duration::zero() || held <= l.watchdog) return;
+  try {
+    l.report_slow(j->extra.name_or_job() + " waiting for its cancelled threaded_task", held);
+  } catch (...) {
+    l.report("watchdog", std::current_exception());
+  }
 }
 CORO_JOBS_DECL unsigned usable_cpus() noexcept {
 #ifdef __linux__

@@ -1353,7 +1353,7 @@ TEST_CASE("a job may cancel itself; its next co_await throws job_cancelled") {
 // ------------------------------------------------------------------------------ lifetime
 TEST_SUITE("lifetime") {
 
-TEST_CASE("destroying a loop with pending work destroys every job frame, and late workers are harmless") {
+TEST_CASE("destroying a loop with pending work destroys every job frame, and late abandoned workers are harmless") {
   live::count = 0;
   std::atomic<bool> release{false}, started{false};
   std::atomic<int> finished{0};
@@ -1369,7 +1369,7 @@ TEST_CASE("destroying a loop with pending work destroys every job frame, and lat
     });
     start_job(loop, [&]() -> job<> {
       live guard;
-      co_await threaded_task([&] {
+      co_await threaded_task(abandon_on_cancel, [&] {
         started = true;
         while (!release) std::this_thread::yield();
         ++finished;
@@ -2407,6 +2407,166 @@ TEST_CASE("cancel() of a job whose thread function is still queued withdraws it:
   release = true;
   drain(loop);
   CHECK_FALSE(b_ran.load());
+}
+
+TEST_CASE("a cancelled job resumes only after its running thread function has returned") {
+  event_loop loop;
+  std::atomic<bool> started{false}, returned{false};
+  bool returned_at_resume = false;
+  auto h = start_job(loop, [&]() -> job<> {
+    try {
+      co_await threaded_task([&](std::stop_token st) {
+        started = true;
+        while (!st.stop_requested()) std::this_thread::yield();
+        std::this_thread::sleep_for(20ms);  // late on purpose: the job must still wait
+        returned = true;
+      });
+    } catch (...) {
+      returned_at_resume = returned.load();
+      throw;
+    }
+  });
+  REQUIRE(run_until(loop, [&] { return started.load(); }));
+  CHECK(h.cancel());
+  CHECK(run_until(loop, [&] { return h.done(); }));
+  CHECK(returned_at_resume);
+  CHECK_THROWS_AS(h.result(), job_cancelled);
+  CHECK(loop.stats().outstanding == 0);
+}
+
+TEST_CASE("job_scope::cancel_all returns only after its jobs' thread functions have returned") {
+  struct window {
+    std::string title;
+    job_scope jobs;
+    explicit window(event_loop& l) : jobs(l) {}
+  };
+  event_loop loop;
+  std::atomic<int> started{0};
+  auto* w = new window(loop);
+  for (int i = 0; i < 3; ++i)
+    w->jobs.start([](window& win, std::atomic<int>& s) -> job<> {
+      co_await threaded_task([&win, &s](std::stop_token st) {
+        ++s;
+        while (!st.stop_requested()) std::this_thread::yield();
+        std::this_thread::sleep_for(10ms);
+        win.title = "stopped";  // after cancel_all: a use-after-free unless it waited
+      });
+    }(*w, started));
+  REQUIRE(run_until(loop, [&] { return started == 3; }));
+  w->jobs.cancel_all();
+  CHECK(w->title == "stopped");
+  delete w;
+  CHECK(loop.stats().outstanding == 0);
+  drain(loop);
+}
+
+// A function still queued when the time runs out is withdrawn and never runs, so each case
+// is tried until its function has run three times; each time it must have returned first.
+template <class Body>
+int runs_that_started(Body body) {
+  int ran = 0;
+  for (int attempt = 0; attempt < 100 && ran < 3; ++attempt) {
+    event_loop loop;
+    std::atomic<bool> started{false}, returned{false};
+    bool went_on = false, returned_then = false;
+    auto work = [&](std::stop_token st) {
+      started = true;
+      while (!st.stop_requested()) std::this_thread::yield();
+      std::this_thread::sleep_for(10ms);  // late on purpose: the job must still wait
+      returned = true;
+    };
+    start_job(loop, [&]() -> job<> {
+      co_await body(work);
+      went_on = true;
+      returned_then = returned.load();
+    });
+    drain(loop);
+    REQUIRE(went_on);
+    if (started) {
+      ++ran;
+      CHECK(returned_then);
+    }
+  }
+  return ran;
+}
+
+TEST_CASE("the losers of when_any have returned from their thread functions before the job goes on") {
+  CHECK(runs_that_started([](auto& work) -> job<> {
+          co_await when_any(sleep_task(5ms), threaded_task(work));
+        }) == 3);
+}
+
+TEST_CASE("with_timeout goes on only after the timed-out thread function has returned") {
+  CHECK(runs_that_started([](auto& work) -> job<> {
+          try {
+            co_await with_timeout(5ms, threaded_task(work));
+          } catch (const timeout_error&) {
+          }
+        }) == 3);
+}
+
+TEST_CASE("threaded_task(abandon_on_cancel, f) lets a cancelled job unwind while f still runs") {
+  event_loop loop;
+  auto release = std::make_shared<std::atomic<bool>>(false);
+  auto started = std::make_shared<std::atomic<bool>>(false);
+  auto ran_on = std::make_shared<std::atomic<bool>>(false);
+  auto h = start_job(loop, [&]() -> job<> {
+    co_await threaded_task(
+        abandon_on_cancel,
+        [](std::shared_ptr<std::atomic<bool>> go, std::shared_ptr<std::atomic<bool>> s,
+           std::shared_ptr<std::atomic<bool>> done) {
+          *s = true;
+          while (!*go) std::this_thread::yield();  // cannot be stopped
+          *done = true;
+          return 1;
+        },
+        release, started, ran_on);
+  });
+  REQUIRE(run_until(loop, [&] { return started->load(); }));
+  CHECK(h.cancel());
+  CHECK(run_until(loop, [&] { return h.done(); }));  // without waiting for f
+  CHECK_THROWS_AS(h.result(), job_cancelled);
+  CHECK_FALSE(ran_on->load());
+  CHECK(loop.stats().outstanding == 0);  // run() does not wait for it either
+  *release = true;
+}
+
+TEST_CASE("destroying the loop waits for a running thread function that honours its stop token") {
+  std::atomic<bool> started{false}, returned{false};
+  {
+    event_loop loop;
+    start_job(loop, [&]() -> job<> {
+      co_await threaded_task([&](std::stop_token st) {
+        started = true;
+        while (!st.stop_requested()) std::this_thread::yield();
+        std::this_thread::sleep_for(10ms);
+        returned = true;
+      });
+    });
+    REQUIRE(run_until(loop, [&] { return started.load(); }));
+  }
+  CHECK(returned);
+}
+
+TEST_CASE("the watchdog names the job whose cancelled thread function holds the loop") {
+  event_loop loop;
+  std::vector<std::string> who;
+  loop.set_watchdog(5ms, [&](std::string_view w, auto) { who.emplace_back(w); });
+  std::atomic<bool> started{false};
+  job_scope scope(loop);
+  scope.start(
+      [&]() -> job<> {
+        co_await threaded_task([&](std::stop_token st) {
+          started = true;
+          while (!st.stop_requested()) std::this_thread::yield();
+          std::this_thread::sleep_for(50ms);
+        });
+      },
+      "export");
+  REQUIRE(run_until(loop, [&] { return started.load(); }));
+  scope.cancel_all();
+  REQUIRE_FALSE(who.empty());
+  CHECK(who.front() == "export waiting for its cancelled threaded_task");
 }
 
 }  // TEST_SUITE("threads and cancellation")

@@ -230,7 +230,8 @@ void destroy_mid_flight(bool run_one_iteration) {
     for (int i = 0; i < workers; ++i)
       handles.push_back(start_job(loop, [](flight_counts& c) -> job<int> {
         live_frame f;
-        co_return co_await threaded_task([&c](std::stop_token) {
+        // Abandoned: the loop's destructor must not wait for a function that ignores its stop.
+        co_return co_await threaded_task(abandon_on_cancel, [&c](std::stop_token) {
           ++c.workers_started;
           while (!c.release.load()) std::this_thread::yield();  // held until the loop is gone
           ++c.workers_finished;

@@ -679,10 +679,18 @@ struct maker_box final : maker_base {
 // What few jobs have, behind one pointer: a name, and the lambda that start_job(lambda)
 // keeps alive. A million unnamed sleeping jobs should not carry 40 empty bytes each
 // (bench W2).
+// A branch of when_all/when_any (or a shielded wait's job) is named after the job it
+// serves, "<parent>/when_all[i]" ("<parent>/shielded"), but stores only that job and its
+// own place: the full name is built when asked for (an error, the watchdog, jobs()). Copied
+// at every level, 8,000 nested with_timeouts held 1.2 GB of names. The branch holds a
+// reference to its parent (see job_ctx::release), so the chain can always be walked.
 class job_extras {
   struct data {
     std::string name;
     std::unique_ptr<maker_base> maker;
+    job_ctx* parent = nullptr;   // a branch's or shielded job's: the job it serves
+    const char* kind = nullptr;  // then "when_all", "when_any" or "shielded"
+    std::size_t index = 0;       // a branch's place in its when_all/when_any
   };
   std::unique_ptr<data> d_;
   data& get() {
@@ -695,11 +703,24 @@ class job_extras {
     if (!n.empty()) get().name = std::move(n);
   }
   void set_maker(std::unique_ptr<maker_base> m) { get().maker = std::move(m); }
+  // Named "<parent's name>/<kind>[index]", or "<parent's name>/<kind>" with no index.
+  void set_parent(job_ctx* parent, const char* kind, std::optional<std::size_t> index) {
+    data& d = get();
+    d.parent = parent;
+    d.kind = kind;
+    d.index = index.value_or(std::size_t(-1));
+  }
+  job_ctx* parent() const noexcept { return d_ ? d_->parent : nullptr; }
   void drop_maker() noexcept {
     if (d_) d_->maker.reset();
   }
+  // The name given to start_job (empty for a branch: see full_name).
   std::string_view name() const noexcept { return d_ ? std::string_view(d_->name) : std::string_view(); }
-  std::string name_or_job() const { return d_ && !d_->name.empty() ? d_->name : std::string("job"); }
+  std::string full_name() const;  // the name given, or a branch's built one; may be empty
+  std::string name_or_job() const {
+    std::string n = full_name();
+    return n.empty() ? std::string("job") : n;
+  }
 };
 
 // What one started job shares among its frames (root and children) and its handles.
@@ -734,15 +755,39 @@ struct job_ctx {
   virtual void* memory() noexcept = 0;
   virtual const void* type() const noexcept = 0;
   bool cancel() noexcept;
+  // A branch's state holds a reference to its parent's: the last release of a chain of
+  // them walks up in this loop, not by recursion.
   void release() noexcept {
-    if (--refs > 0) return;
-    if (!in_room) return delete this;
-    void* const m = memory();
-    this->~job_ctx();
-    ::operator delete(m);
+    for (job_ctx* j = this; j && --j->refs == 0;) {
+      job_ctx* const up = j->extra.parent();
+      if (!j->in_room) {
+        delete j;
+      } else {
+        void* const m = j->memory();
+        j->~job_ctx();
+        ::operator delete(m);
+      }
+      j = up;
+    }
   }
   void rethrow_if_error();
 };
+
+// Walks up to the first job with a name of its own (or none: "job"), then appends each
+// level's "/kind[i]" on the way back down: O(depth), only when a name is asked for.
+inline std::string job_extras::full_name() const {
+  if (!d_ || !d_->parent) return d_ ? d_->name : std::string();
+  std::vector<const data*> levels;
+  const job_extras* e = this;
+  for (; e->d_ && e->d_->parent; e = &e->d_->parent->extra) levels.push_back(e->d_.get());
+  std::string n = e->d_ && !e->d_->name.empty() ? e->d_->name : std::string("job");
+  for (auto it = levels.rbegin(); it != levels.rend(); ++it) {
+    n += '/';
+    n += (*it)->kind;
+    if ((*it)->index != std::size_t(-1)) n += "[" + std::to_string((*it)->index) + "]";
+  }
+  return n;
+}
 
 template <class T> inline constexpr char type_tag = 0;  // one address per T, in every file
 
@@ -1436,6 +1481,9 @@ class [[nodiscard]] callback_op final : public op_base {
 
 // --- Composition: branches and groups --------------------------------------------------
 
+template <class T>
+job_handle<T> start_for(job_ctx* parent, job<T>& j, const char* kind, std::optional<std::size_t> index);
+
 template <class T> struct void_to_monostate { using type = T; };
 template <> struct void_to_monostate<void> { using type = std::monostate; };
 
@@ -1523,9 +1571,7 @@ job<> branch(A a, group* g, std::size_t i, std::optional<V>* slot) {
 template <class... A, std::size_t... I>
 void start_branches(group& g, std::tuple<std::optional<await_value_t<A>>...>& slots,
                     std::index_sequence<I...>, A&... a) {
-  loop_impl& l = *g.ctx_->loop;
   g.ctx_->branches = &g;  // for job_ctx::finish_now
-  const std::string base = g.ctx_->extra.name_or_job() + "/" + g.kind;
   g.left = sizeof...(A);
   auto own_handle = [&](auto& x) {
     if constexpr (is_handle<std::remove_cvref_t<decltype(x)>>::value)
@@ -1534,7 +1580,7 @@ void start_branches(group& g, std::tuple<std::optional<await_value_t<A>>...>& sl
   (own_handle(a), ...);
   g.branches.reserve(sizeof...(A));  // so that no push_back below can fail once a branch runs
   auto one = [&](auto&& j, std::size_t i) {
-    auto h = start_job(event_loop_of(l), std::move(j), base + "[" + std::to_string(i) + "]");
+    auto h = start_for(g.ctx_, j, g.kind, i);
     job_ctx* c = access::state(h);
     ++c->refs;
     g.branches.push_back(c);
@@ -1567,7 +1613,7 @@ struct [[nodiscard]] shield_awaiter {
   shield_awaiter(shield_awaiter&& o) noexcept : body(std::move(o.body)), ctx(o.ctx) {}
   bool await_ready() {
     require_job(ctx);
-    h = start_job(event_loop_of(*ctx->loop), std::move(body), ctx->extra.name_or_job() + "/shielded");
+    h = start_for(ctx, body, "shielded", std::nullopt);
     return false;
   }
   void await_suspend(std::coroutine_handle<> hh) noexcept {
@@ -1714,16 +1760,13 @@ std::string_view job_handle<T>::name() const {
 
 namespace detail {
 template <class T>
-job_handle<T> start_with(event_loop& loop, job<T>& j, std::string name, std::unique_ptr<maker_base> maker) {
+job_handle<T> start_with(event_loop& loop, job<T>& j, job_extras extra) {
   auto& l = access::impl(loop);
   detail::check_thread(l, "coro_jobs: start_job called from a thread that does not own the loop");
   auto& h = access::handle(j);
   if (!h) throw std::invalid_argument("coro_jobs: start_job of an empty job (moved-from or already started)");
-  // What may throw comes first, before anything is committed: the name, the ready slot
-  // (the one allocation when the state goes in the frame's room) and the state.
-  job_extras extra;
-  extra.set_name(std::move(name));
-  if (maker) extra.set_maker(std::move(maker));
+  // What may throw comes first, before anything is committed: the name (in `extra`), the
+  // ready slot (the one allocation when the state goes in the frame's room) and the state.
   detail::reserve_start(l);
   job_state<T>* s;
   try {
@@ -1741,9 +1784,24 @@ job_handle<T> start_with(event_loop& loop, job<T>& j, std::string name, std::uni
   h.promise().ctx = s;
   h = {};  // the state owns the frame now
   detail::commit_start(l, s);
+  if (job_ctx* parent = s->extra.parent()) ++parent->refs;  // see job_ctx::release
   job_handle<T> r;
   access::state(r) = s;
   return r;
+}
+template <class T>
+job_handle<T> start_with(event_loop& loop, job<T>& j, std::string name, std::unique_ptr<maker_base> maker) {
+  job_extras extra;
+  extra.set_name(std::move(name));
+  if (maker) extra.set_maker(std::move(maker));
+  return start_with(loop, j, std::move(extra));
+}
+// A branch or shielded job, named after the job it serves (see job_extras).
+template <class T>
+job_handle<T> start_for(job_ctx* parent, job<T>& j, const char* kind, std::optional<std::size_t> index) {
+  job_extras extra;
+  extra.set_parent(parent, kind, index);
+  return start_with(event_loop_of(*parent->loop), j, std::move(extra));
 }
 }  // namespace detail
 
@@ -2669,8 +2727,8 @@ CORO_JOBS_DECL void loop_impl::report_slow(const std::string& w, duration held) 
 
 CORO_JOBS_DECL const char* loop_impl::who(const ready_item& it, std::string& name) const {
   if (!it.run || it.run == &run_start) {
-    name = static_cast<job_ctx*>(it.arg)->extra.name();
-    return name.empty() ? "job" : name.c_str();
+    name = static_cast<job_ctx*>(it.arg)->extra.name_or_job();
+    return name.c_str();
   }
   if (it.run == &run_posted) return "post";
   if (it.run == &callback_node::run_timer) return "call_later";
@@ -3005,7 +3063,7 @@ CORO_JOBS_DECL void drop_handle(job_ctx* s) {
       l->unlink(s);
       s->loop = nullptr;
     } else {  // the loop is gone: its handler with it
-      loop_impl::print_error(s->extra.name(), s->error);
+      loop_impl::print_error(s->extra.full_name(), s->error);
     }
   }
   s->release();
@@ -3392,7 +3450,7 @@ CORO_JOBS_DECL std::vector<job_info> event_loop::jobs() const {
   std::vector<job_info> out;
   for (const detail::job_ctx* j = l.jobs; j; j = j->next) {
     if (j->done) continue;
-    job_info i{std::string(j->extra.name()), "waiting", "", {}};
+    job_info i{j->extra.full_name(), "waiting", "", {}};
     if (!j->started)
       i.state = "not started";
     else if (j == l.current)

@@ -10,6 +10,7 @@
 #include <sched.h>
 #include <sys/resource.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <cstdlib>
@@ -2594,6 +2595,42 @@ TEST_CASE("a second co_await of a job object that another job awaits throws std:
   CHECK(first == 7);
   CHECK(a.done());
   CHECK(b.done());
+}
+
+TEST_CASE("jobs() lists branches and shielded waits under their parent's name, at every level") {
+  event_loop loop;
+  pipe_fds p;
+  auto top = start_job(loop, [&]() -> job<> {
+    co_await when_all(wait_readable(p.r), when_any(wait_readable(p.r), sleep_task(1h)));
+  }, "top");
+  auto unnamed = start_job(loop, [&]() -> job<> { co_await shielded(with_timeout(1h, wait_readable(p.r))); });
+  REQUIRE(run_until(loop, [&] { return loop.stats().fd_waits == 3; }));
+  std::vector<std::string> names;
+  for (const job_info& i : loop.jobs()) names.push_back(i.name);
+  std::sort(names.begin(), names.end());
+  CHECK(names == std::vector<std::string>{"", "job/shielded", "job/shielded/when_any[0]",
+                                          "job/shielded/when_any[1]", "top", "top/when_all[0]",
+                                          "top/when_all[1]", "top/when_all[1]/when_any[0]",
+                                          "top/when_all[1]/when_any[1]"});
+  REQUIRE(::write(p.w, "x", 1) == 1);
+  drain(loop);
+  CHECK(top.done());
+  CHECK(unnamed.done());
+}
+
+TEST_CASE("the watchdog names a slow branch after its parent") {
+  event_loop loop;
+  std::vector<std::string> slow;
+  loop.set_watchdog(5ms, [&](std::string_view who, steady_clock::duration) { slow.emplace_back(who); });
+  auto busy = []() -> job<> {
+    const auto end = steady_clock::now() + 20ms;
+    while (steady_clock::now() < end) {  // blocks the loop: what the watchdog is for
+    }
+    co_return;
+  };
+  start_job(loop, [&]() -> job<> { co_await when_all(value_of(1), when_any(busy(), value_of(2))); }, "top");
+  drain(loop);
+  CHECK(slow == std::vector<std::string>{"top/when_all[1]/when_any[0]"});
 }
 
 }  // TEST_SUITE("composition and scopes")

@@ -73,6 +73,8 @@
 //   Lifetime: destroying the loop destroys every job frame it still has (their handles then
 //     report job_cancelled), drops queued work, and requests the stop token of running thread
 //     functions; workers that finish later find nobody to deliver to and discard the result.
+//     A frame's destructor may still call the loop meanwhile: now() works, post() is dropped,
+//     and a job started then is destroyed unstarted (its handle reports job_cancelled).
 //   Bad input: empty jobs and handles throw std::invalid_argument; misuse of a loop
 //     (wrong thread, run() inside run()) throws std::logic_error; a bad fd throws
 //     std::system_error(EBADF); durations saturate (negative = next iteration, huge = never);
@@ -2216,6 +2218,7 @@ struct loop_impl {
 
   loop_impl(event_loop* s, std::size_t workers);
   ~loop_impl();
+  void shut_down();  // ~event_loop: destroys the jobs and callbacks while the loop is usable
 
   time_point clock() const noexcept;
 
@@ -2675,7 +2678,10 @@ CORO_JOBS_DECL void loop_impl::run_report(void* self) {
 
 // ---- The loop's destructor
 
-CORO_JOBS_DECL loop_impl::~loop_impl() {
+// Runs from ~event_loop before the implementation goes, so that the destructors of job
+// frames may still use the loop: now() works, post() is dropped (the inbox is closed), and
+// a job started meanwhile is linked like any other and so destroyed, unstarted, below.
+CORO_JOBS_DECL void loop_impl::shut_down() {
   closing = true;
   box->close();  // later completions from workers and task_returns are dropped
   pool->stop();  // queued thread functions never run; running ones finish on their own
@@ -2730,7 +2736,9 @@ CORO_JOBS_DECL loop_impl::~loop_impl() {
       std::fputs("coro_jobs: the error handler threw during ~event_loop\n", stderr);
     }
   }
+  errors.clear();
 }
+CORO_JOBS_DECL loop_impl::~loop_impl() = default;
 
 CORO_JOBS_DECL void callback_node::fd_ready(loop_impl& l, short ev) noexcept {
   revents = ev;
@@ -3199,6 +3207,9 @@ CORO_JOBS_DECL event_loop::~event_loop() {
                   r.loops.end());
   }
   if (detail::running_loop() == this) detail::running_loop() = nullptr;
+  // Torn down while impl_ still points to it: a job frame's destructor may call now(),
+  // post() or start_job on this loop (see loop_impl::shut_down).
+  impl_->shut_down();
   impl_.reset();
 }
 

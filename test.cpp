@@ -1967,6 +1967,32 @@ TEST_CASE("a post from another thread wakes a loop asleep on its futex (no fd wa
 // ------------------------------------------------- regressions found by review
 TEST_SUITE("regressions found by review") {
 
+TEST_CASE("a job frame destroyed with the loop may call now(), post() and start_job on it") {
+  struct calls_loop {
+    event_loop& loop;
+    bool& ran;
+    ~calls_loop() {
+      (void)loop.now();
+      loop.post([] {});  // dropped: the loop is closing
+      auto h = start_job(loop, value_of(1));  // destroyed unstarted with the loop
+      ran = static_cast<bool>(h);
+    }
+  };
+  bool ran = false;
+  live::count = 0;
+  {
+    event_loop loop;
+    start_job(loop, [&]() -> job<> {
+      calls_loop c{loop, ran};
+      live l;
+      co_await sleep_task(std::chrono::hours(1));
+    });
+    CHECK(run_until(loop, [&] { return live::count == 1; }));
+  }
+  CHECK(ran);
+  CHECK(live::count == 0);
+}
+
 TEST_CASE("cancelling a timer that is due but has not run yet leaves nothing pending") {
   event_loop loop;
   callback_handle second;

@@ -1967,6 +1967,28 @@ TEST_CASE("a post from another thread wakes a loop asleep on its futex (no fd wa
 // ------------------------------------------------- regressions found by review
 TEST_SUITE("regressions found by review") {
 
+TEST_CASE("job_scope::cancel_all and size called from another thread throw std::logic_error") {
+  event_loop loop;
+  job_scope scope(loop);
+  scope.start(after(1h, 1));
+  bool cancel_threw = false, size_threw = false;
+  std::thread([&] {
+    try {
+      scope.cancel_all();
+    } catch (const std::logic_error&) {
+      cancel_threw = true;
+    }
+    try {
+      (void)scope.size();
+    } catch (const std::logic_error&) {
+      size_threw = true;
+    }
+  }).join();
+  CHECK(cancel_threw);
+  CHECK(size_threw);
+  CHECK(scope.size() == 1);
+}
+
 TEST_CASE("a job frame destroyed with the loop may call now(), post() and start_job on it") {
   struct calls_loop {
     event_loop& loop;

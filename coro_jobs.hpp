@@ -71,12 +71,16 @@
 //     (awaits again, or ends normally) is reported once to the error handler. Cleanup that
 //     must wait: co_await shielded(a). Children it awaits are cancelled with it. A job
 //     cancelled before its body started ends without running it.
+//   Scopes: cancel_all() and size() off the loop's thread throw std::logic_error; a scope
+//     destroyed there prints why and calls std::terminate (a destructor cannot throw).
 //   Handles: copyable and movable; copying one off the loop thread throws std::logic_error,
 //     destroying one there posts its release to the loop thread. cancel() of an empty
 //     handle returns false. Every task type is [[nodiscard]].
 //   Lifetime: destroying the loop requests the stop token of every running thread function
 //     and waits for each (except abandoned ones), drops queued work, destroys every job frame
-//     it still has (their handles then report job_cancelled) and joins the workers.
+//     it still has (their handles then report job_cancelled) and joins the workers. A frame's
+//     destructor may still call the loop meanwhile: now() works, post() is dropped, and a job
+//     started then is destroyed unstarted (its handle reports job_cancelled).
 //   Bad input: empty jobs and handles throw std::invalid_argument; misuse of a loop
 //     (wrong thread, run() inside run()) throws std::logic_error; a bad fd throws
 //     std::system_error(EBADF); durations saturate (negative = next iteration, huge = never);
@@ -557,13 +561,18 @@ class job_scope {
   std::size_t cancel_all();
   /// The scope's jobs that have not ended.
   std::size_t size();
+  // cancel_all() and size() throw std::logic_error off the loop's thread, as loop functions
+  // do. The destructor cannot throw: off that thread it prints why and calls std::terminate,
+  // rather than run the jobs' catch blocks and destructors on the wrong thread.
 
  private:
   template <class T> job_handle<T> adopt(job_handle<T> h);
   template <class T> std::optional<job_handle<T>> apply_policy(const std::string& name, restart policy);
   detail::loop_impl* loop_;
   restart policy_;
+  std::thread::id owner_;  // the loop's thread; kept here, as the loop may be gone first
   std::vector<detail::job_ctx*> jobs_;  // each holds a reference
+  void check_thread(const char* what) const;
 };
 
 // ======================================================================================
@@ -2344,6 +2353,7 @@ struct loop_impl {
 
   loop_impl(event_loop* s, std::size_t workers);
   ~loop_impl();
+  void shut_down();  // ~event_loop: destroys the jobs and callbacks while the loop is usable
 
   time_point clock() const noexcept;
 
@@ -2805,7 +2815,10 @@ CORO_JOBS_DECL void loop_impl::run_report(void* self) {
 
 // ---- The loop's destructor
 
-CORO_JOBS_DECL loop_impl::~loop_impl() {
+// Runs from ~event_loop before the implementation goes, so that the destructors of job
+// frames may still use the loop: now() works, post() is dropped (the inbox is closed), and
+// a job started meanwhile is linked like any other and so destroyed, unstarted, below.
+CORO_JOBS_DECL void loop_impl::shut_down() {
   closing = true;
   box->close();  // later completions from workers and task_returns are dropped
   // Every wait is cancelled first, so that all running thread functions are asked to stop
@@ -2874,7 +2887,9 @@ CORO_JOBS_DECL loop_impl::~loop_impl() {
       std::fputs("coro_jobs: the error handler threw during ~event_loop\n", stderr);
     }
   }
+  errors.clear();
 }
+CORO_JOBS_DECL loop_impl::~loop_impl() = default;
 
 CORO_JOBS_DECL void callback_node::fd_ready(loop_impl& l, short ev) noexcept {
   revents = ev;
@@ -3370,6 +3385,9 @@ CORO_JOBS_DECL event_loop::~event_loop() {
                   r.loops.end());
   }
   if (detail::running_loop() == this) detail::running_loop() = nullptr;
+  // Torn down while impl_ still points to it: a job frame's destructor may call now(),
+  // post() or start_job on this loop (see loop_impl::shut_down).
+  impl_->shut_down();
   impl_.reset();
 }
 
@@ -3504,8 +3522,15 @@ CORO_JOBS_DECL detail::fd_op wait_readable(int fd) { return detail::fd_op(fd, PO
 CORO_JOBS_DECL detail::fd_op wait_writable(int fd) { return detail::fd_op(fd, POLLOUT); }
 
 CORO_JOBS_DECL job_scope::job_scope(event_loop& loop, restart policy)
-    : loop_(&detail::access::impl(loop)), policy_(policy) {}
+    : loop_(&detail::access::impl(loop)), policy_(policy), owner_(loop_->owner) {}
+CORO_JOBS_DECL void job_scope::check_thread(const char* what) const {
+  if (std::this_thread::get_id() != owner_) detail::fail_logic(what);
+}
 CORO_JOBS_DECL job_scope::~job_scope() {
+  if (std::this_thread::get_id() != owner_) {
+    std::fputs("coro_jobs: job_scope destroyed on a thread that does not own the loop\n", stderr);
+    std::terminate();
+  }
   // Again while jobs started by catch blocks during the last round remain (bounded, in case
   // every unwinding starts another).
   for (int round = 0; round < 1000 && cancel_all() > 0; ++round) {
@@ -3513,11 +3538,13 @@ CORO_JOBS_DECL job_scope::~job_scope() {
   for (detail::job_ctx* j : jobs_) j->release();
 }
 CORO_JOBS_DECL std::size_t job_scope::size() {
+  check_thread("coro_jobs: job_scope::size called from a thread that does not own the loop");
   std::size_t n = 0;
   for (detail::job_ctx* j : jobs_) n += !j->done;
   return n;
 }
 CORO_JOBS_DECL std::size_t job_scope::cancel_all() {
+  check_thread("coro_jobs: job_scope::cancel_all called from a thread that does not own the loop");
   // Newest first, as the loop's destructor does. A job started during this (by a catch
   // block) is not in the copy: it is cancelled by the next cancel_all or the destructor.
   // Each entry is held: an unwinding job may start another, and adopt() then drops ended

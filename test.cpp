@@ -1968,6 +1968,54 @@ TEST_CASE("a post from another thread wakes a loop asleep on its futex (no fd wa
 // ------------------------------------------------- regressions found by review
 TEST_SUITE("regressions found by review") {
 
+TEST_CASE("job_scope::cancel_all and size called from another thread throw std::logic_error") {
+  event_loop loop;
+  job_scope scope(loop);
+  scope.start(after(1h, 1));
+  bool cancel_threw = false, size_threw = false;
+  std::thread([&] {
+    try {
+      scope.cancel_all();
+    } catch (const std::logic_error&) {
+      cancel_threw = true;
+    }
+    try {
+      (void)scope.size();
+    } catch (const std::logic_error&) {
+      size_threw = true;
+    }
+  }).join();
+  CHECK(cancel_threw);
+  CHECK(size_threw);
+  CHECK(scope.size() == 1);
+}
+
+TEST_CASE("a job frame destroyed with the loop may call now(), post() and start_job on it") {
+  struct calls_loop {
+    event_loop& loop;
+    bool& ran;
+    ~calls_loop() {
+      (void)loop.now();
+      loop.post([] {});  // dropped: the loop is closing
+      auto h = start_job(loop, value_of(1));  // destroyed unstarted with the loop
+      ran = static_cast<bool>(h);
+    }
+  };
+  bool ran = false;
+  live::count = 0;
+  {
+    event_loop loop;
+    start_job(loop, [&]() -> job<> {
+      calls_loop c{loop, ran};
+      live l;
+      co_await sleep_task(std::chrono::hours(1));
+    });
+    CHECK(run_until(loop, [&] { return live::count == 1; }));
+  }
+  CHECK(ran);
+  CHECK(live::count == 0);
+}
+
 TEST_CASE("cancelling a timer that is due but has not run yet leaves nothing pending") {
   event_loop loop;
   callback_handle second;

@@ -2631,10 +2631,11 @@ CORO_JOBS_DECL bool loop_impl::run_once() {
   } else if (!timers.empty()) {
     drop_dead_front();
     // A manual clock never waits for a timer (time moves only through advance()), but it
-    // still blocks for what can wake it: a worker, a callback, an fd.
+    // still blocks for what can wake it (a worker, a callback, an fd), unless advance()
+    // has just made the first timer due.
     const bool waker = threads_out > 0 || pfds.size() > 1;
     wait(timers.empty() ? duration(-1)
-         : manual       ? (waker ? duration(-1) : duration::zero())
+         : manual       ? (waker && timers.front().deadline > manual_now ? duration(-1) : duration::zero())
                         : std::max(timers.front().deadline - clock_type::now(), duration::zero()));
   } else {
     wait(duration(-1));
@@ -3498,14 +3499,22 @@ CORO_JOBS_DECL void event_loop::advance_impl(detail::duration d) {
       run_once();
   };
   settle();
+  // A "never" deadline (time_point::max()) never falls due, however far the clock moves;
+  // and timers re-armed for the instant they fire (call_later(0) from its own callback) run
+  // at most 1,000 times per instant here, the rest on a later iteration.
+  int same_instant = 0;
   for (;;) {
     l.drop_dead_front();
-    if (l.timers.empty() || l.timers.front().deadline > target) break;
-    l.manual_now = std::max(l.manual_now, l.timers.front().deadline);
+    if (l.timers.empty()) break;
+    const detail::time_point due = l.timers.front().deadline;
+    if (due > target || due == detail::time_point::max()) break;
+    same_instant = due <= l.manual_now ? same_instant + 1 : 0;
+    if (same_instant > 1000) break;
+    l.manual_now = std::max(l.manual_now, due);
     run_once();
     settle();
   }
-  l.manual_now = target;
+  l.manual_now = std::max(l.manual_now, target);
   settle();
 }
 CORO_JOBS_DECL void event_loop::set_watchdog_impl(detail::duration threshold, watchdog_handler handler) {

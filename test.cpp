@@ -9,10 +9,14 @@
 #include <pthread.h>
 #include <sched.h>
 #include <sys/resource.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <condition_variable>
+#include <functional>
+#include <mutex>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -821,6 +825,7 @@ TEST_CASE("threaded_task passes a stop_token that cancel() requests, and drops t
     live guard;
     co_await threaded_task([&](std::stop_token st) {
       started = true;
+      loop.post([] {});  // wakes run_until, which waits in the loop
       while (!st.stop_requested()) std::this_thread::yield();
       saw_stop = true;
       return 5;
@@ -1372,6 +1377,7 @@ TEST_CASE("destroying a loop with pending work destroys every job frame, and lat
       live guard;
       co_await threaded_task(abandon_on_cancel, [&] {
         started = true;
+        loop.post([] {});  // wakes run_until, which waits in the loop
         while (!release) std::this_thread::yield();
         ++finished;
       });
@@ -2039,6 +2045,100 @@ TEST_CASE("advance() moves the clock even while a job keeps yielding until a tim
   CHECK(h.done());
 }
 
+// Unblocks a wait that must not happen: if `done` is not set within 10 s, calls `rescue`, so
+// that a regression fails the test instead of hanging it.
+struct rescuer {
+  std::mutex m;
+  std::condition_variable cv;
+  bool done = false;
+  std::atomic<bool> fired{false};
+  std::thread t;
+  template <class F> explicit rescuer(F rescue) : t([this, rescue] {
+    std::unique_lock<std::mutex> lock(m);
+    if (!cv.wait_for(lock, 10s, [this] { return done; })) {
+      fired = true;
+      rescue();
+    }
+  }) {}
+  ~rescuer() {
+    {
+      std::lock_guard<std::mutex> lock(m);
+      done = true;
+    }
+    cv.notify_one();
+    t.join();
+  }
+};
+
+TEST_CASE("advance() runs a due timeout without blocking in poll while an fd is watched") {
+  event_loop loop(manual());
+  pipe_fds p;
+  bool timed_out = false;
+  start_job(loop, [&]() -> job<> {
+    try {
+      co_await with_timeout(1s, wait_readable(p.r));
+    } catch (const timeout_error&) {
+      timed_out = true;
+    }
+  });
+  loop.run_once();
+  rescuer r([&] { CHECK(::write(p.w, "x", 1) == 1); });
+  loop.advance(1s);
+  CHECK(timed_out);
+  CHECK_FALSE(r.fired.load());
+}
+
+TEST_CASE("advance() runs a due timeout without blocking while a thread function runs") {
+  event_loop loop(manual());
+  std::atomic<bool> started{false}, release{false};
+  bool timed_out = false;
+  start_job(loop, [&]() -> job<> {
+    try {
+      co_await with_timeout(1s, threaded_task([&](std::stop_token st) {
+                              started = true;
+                              while (!st.stop_requested() && !release) std::this_thread::yield();
+                            }));
+    } catch (const timeout_error&) {
+      timed_out = true;
+    }
+  });
+  rescuer r([&] { release = true; });
+  loop.run_once();
+  loop.advance(1s);
+  drain(loop);
+  CHECK(timed_out);
+  CHECK_FALSE(r.fired.load());
+}
+
+TEST_CASE("a call_later(0) that re-arms itself does not keep advance() from returning") {
+  event_loop loop(manual());
+  int calls = 0;
+  const int give_up = 200000;  // the old advance() returned only when the callback gave up
+  std::function<void()> again = [&] {
+    if (++calls < give_up) loop.call_later(0s, again);
+  };
+  loop.call_later(0s, again);
+  loop.advance(1ms);
+  CHECK(calls < give_up);
+  CHECK(calls > 0);
+  calls = give_up;  // stop re-arming
+  drain(loop);
+}
+
+TEST_CASE("advance(hours::max()) never makes a never deadline fall due") {
+  event_loop loop(manual());
+  bool fired = false;
+  auto h = start_job(loop, []() -> job<> { co_await sleep_task(std::chrono::hours::max()); });
+  auto t = loop.call_later(std::chrono::hours::max(), [&] { fired = true; });
+  loop.run_once();
+  loop.advance(std::chrono::hours::max());
+  loop.advance(std::chrono::hours::max());
+  CHECK_FALSE(h.done());
+  CHECK_FALSE(fired);
+  CHECK(h.cancel());
+  drain(loop);
+}
+
 TEST_CASE("on a manual clock the loop blocks for a thread function instead of spinning") {
   event_loop loop(manual());
   std::atomic<bool> go{false};
@@ -2439,6 +2539,7 @@ TEST_CASE("cancel() of a job whose thread function is still queued withdraws it:
   start_job(loop, [&]() -> job<> {
     co_await threaded_task([&] {
       a_started = true;
+      loop.post([] {});  // wakes run_until, which waits in the loop
       while (!release) std::this_thread::yield();
     });
   });
@@ -2466,6 +2567,7 @@ TEST_CASE("a cancelled job resumes only after its running thread function has re
     try {
       co_await threaded_task([&](std::stop_token st) {
         started = true;
+        loop.post([] {});  // wakes run_until, which waits in the loop
         while (!st.stop_requested()) std::this_thread::yield();
         std::this_thread::sleep_for(20ms);  // late on purpose: the job must still wait
         returned = true;
@@ -2493,14 +2595,15 @@ TEST_CASE("job_scope::cancel_all returns only after its jobs' thread functions h
   std::atomic<int> started{0};
   auto* w = new window(loop);
   for (int i = 0; i < 3; ++i)
-    w->jobs.start([](window& win, std::atomic<int>& s) -> job<> {
-      co_await threaded_task([&win, &s](std::stop_token st) {
+    w->jobs.start([](window& win, std::atomic<int>& s, event_loop& l) -> job<> {
+      co_await threaded_task([&win, &s, &l](std::stop_token st) {
         ++s;
+        l.post([] {});  // wakes run_until, which waits in the loop
         while (!st.stop_requested()) std::this_thread::yield();
         std::this_thread::sleep_for(10ms);
         win.title = "stopped";  // after cancel_all: a use-after-free unless it waited
       });
-    }(*w, started));
+    }(*w, started, loop));
   REQUIRE(run_until(loop, [&] { return started == 3; }));
   w->jobs.cancel_all();
   CHECK(w->title == "stopped");
@@ -2563,13 +2666,14 @@ TEST_CASE("threaded_task(abandon_on_cancel, f) lets a cancelled job unwind while
     co_await threaded_task(
         abandon_on_cancel,
         [](std::shared_ptr<std::atomic<bool>> go, std::shared_ptr<std::atomic<bool>> s,
-           std::shared_ptr<std::atomic<bool>> done) {
+           std::shared_ptr<std::atomic<bool>> done, event_loop* l) {
           *s = true;
+          l->post([] {});  // wakes run_until, which waits in the loop
           while (!*go) std::this_thread::yield();  // cannot be stopped
           *done = true;
           return 1;
         },
-        release, started, ran_on);
+        release, started, ran_on, &loop);
   });
   REQUIRE(run_until(loop, [&] { return started->load(); }));
   CHECK(h.cancel());
@@ -2587,6 +2691,7 @@ TEST_CASE("destroying the loop waits for a running thread function that honours 
     start_job(loop, [&]() -> job<> {
       co_await threaded_task([&](std::stop_token st) {
         started = true;
+        loop.post([] {});  // wakes run_until, which waits in the loop
         while (!st.stop_requested()) std::this_thread::yield();
         std::this_thread::sleep_for(10ms);
         returned = true;
@@ -2607,6 +2712,7 @@ TEST_CASE("the watchdog names the job whose cancelled thread function holds the 
       [&]() -> job<> {
         co_await threaded_task([&](std::stop_token st) {
           started = true;
+          loop.post([] {});  // wakes run_until, which waits in the loop
           while (!st.stop_requested()) std::this_thread::yield();
           std::this_thread::sleep_for(50ms);
         });
@@ -2714,6 +2820,20 @@ TEST_CASE("a watchdog handler that replaces itself keeps its captures until it r
   });
   drain(loop);
   CHECK(seen == "a capture that must stay alive");
+}
+
+TEST_CASE("a progress destroyed by its own callback keeps the callback's captures until it returns") {
+  event_loop loop;
+  std::unique_ptr<progress<int>> p;
+  int seen = 0;
+  p = std::make_unique<progress<int>>(loop, [&p, &seen, big = std::make_shared<int>(7)](int v) {
+    p.reset();     // ~progress drops the function that is running now
+    seen = *big + v;  // a heap-use-after-free under ASan if that freed the captures
+  });
+  p->get_reporter()(1);
+  CHECK(run_until(loop, [&] { return seen != 0; }));
+  CHECK(seen == 8);
+  CHECK(p == nullptr);
 }
 
 TEST_CASE("task_return::fail(nullptr) throws std::invalid_argument at the call") {

@@ -12,7 +12,9 @@
 #endif
 #endif
 #ifdef STRESS_SANITIZER_HEAP
-#include <sanitizer/allocator_interface.h>
+// Declared here rather than through <sanitizer/allocator_interface.h>, which Debian ships
+// with clang but not with g++.
+extern "C" std::size_t __sanitizer_get_current_allocated_bytes();
 #else
 #include <malloc.h>
 #endif

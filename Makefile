@@ -5,7 +5,7 @@ BUILD    ?= build
 WARN     := -Wall -Wextra -Wpedantic -Werror
 REQUIRED := -std=c++20 -I. -pthread
 
-.PHONY: all run test nodiscard test-separate stress bench bench-build asan tsan stress-asan stress-tsan warnings deps clean
+.PHONY: all run test nodiscard stress bench bench-build asan tsan stress-asan stress-tsan warnings deps clean
 
 all: $(BUILD)/demo $(BUILD)/test
 
@@ -32,27 +32,6 @@ $(BUILD)/demo: demo.cpp coro_jobs.hpp | $(BUILD)
 $(BUILD)/test: test.cpp coro_jobs.hpp | $(BUILD) deps
 	$(CXX) $(REQUIRED) $(WARN) $(CXXFLAGS) test.cpp -o $@
 
-# The same tests built with CORO_JOBS_SEPARATE_COMPILATION: test.cpp sees the API and the
-# templates only, and the loop's functions are compiled once, in the two-line file that a
-# project using this mode writes (generated here), then linked in. A third file only
-# includes the header: if the header defined anything non-inline outside the implementation
-# part, the link would fail with a duplicate symbol. (The default mode's several-file case
-# is the stress build: five files, each with every function inline.)
-SEPARATE := -DCORO_JOBS_SEPARATE_COMPILATION
-test-separate: $(BUILD)/test-separate
-	./$(BUILD)/test-separate
-
-$(BUILD)/test-separate: test.cpp coro_jobs.hpp | $(BUILD) deps
-	printf '#define CORO_JOBS_IMPLEMENTATION\n#include "coro_jobs.hpp"\n' > $(BUILD)/coro_jobs_impl.cpp
-	printf '#include "coro_jobs.hpp"\n' > $(BUILD)/coro_jobs_user.cpp
-	$(CXX) $(REQUIRED) $(WARN) $(CXXFLAGS) $(SEPARATE) -c $(BUILD)/coro_jobs_impl.cpp -o $(BUILD)/coro_jobs_impl.o
-	$(CXX) $(REQUIRED) $(WARN) $(CXXFLAGS) $(SEPARATE) -c $(BUILD)/coro_jobs_user.cpp -o $(BUILD)/coro_jobs_user.o
-	$(CXX) $(REQUIRED) $(WARN) $(CXXFLAGS) $(SEPARATE) -c test.cpp -o $(BUILD)/test-separate.o
-	$(CXX) $(REQUIRED) $(CXXFLAGS) $(BUILD)/test-separate.o $(BUILD)/coro_jobs_user.o \
-	  $(BUILD)/coro_jobs_impl.o -o $@
-	@# CORO_JOBS_IMPLEMENTATION alone must not compile (it would silently define nothing).
-	! $(CXX) $(REQUIRED) -DCORO_JOBS_IMPLEMENTATION -fsyntax-only $(BUILD)/coro_jobs_user.cpp 2>/dev/null
-
 # Sanitizer variants are the same targets re-run with other flags, in folders of their own.
 # clang 14's -fsanitize=function (part of "undefined") cannot emit coroutine frames ("Cannot
 # represent a difference across sections"), so it is left out with clang; g++ has no such check.
@@ -60,10 +39,13 @@ ASAN_FLAGS := -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined,leak -
   $(if $(findstring clang,$(CXX)),-fno-sanitize=function)
 # Folders per compiler, so that `make asan CXX=clang++` after `make asan` rebuilds.
 SAN_DIR := $(if $(findstring clang,$(CXX)),-clang)
+TSAN_FLAGS := -O1 -g -fsanitize=thread
+ASAN_VARS = BUILD=build-asan$(SAN_DIR) CXXFLAGS="$(ASAN_FLAGS)"
+TSAN_VARS = BUILD=build-tsan$(SAN_DIR) CXXFLAGS="$(TSAN_FLAGS)"
 asan:
-	$(MAKE) test BUILD=build-asan$(SAN_DIR) CXXFLAGS="$(ASAN_FLAGS)"
+	$(MAKE) test $(ASAN_VARS)
 tsan:
-	$(MAKE) test BUILD=build-tsan$(SAN_DIR) CXXFLAGS="-O1 -g -fsanitize=thread"
+	$(MAKE) test $(TSAN_VARS)
 
 # Both compilers, warnings as errors, every program.
 warnings:
@@ -94,9 +76,9 @@ $(BUILD)/stress-O0-obj/%.o: stress/%.cpp stress/common.hpp coro_jobs.hpp | deps
 	@mkdir -p $(dir $@)
 	$(CXX) $(REQUIRED) $(WARN) $(CXXFLAGS) -O0 -c $< -o $@
 stress-asan:
-	$(MAKE) stress BUILD=build-asan$(SAN_DIR) CXXFLAGS="$(ASAN_FLAGS)"
+	$(MAKE) stress $(ASAN_VARS)
 stress-tsan:
-	TSAN_OPTIONS="suppressions=$(CURDIR)/stress/tsan.supp $(TSAN_OPTIONS)" $(MAKE) stress BUILD=build-tsan CXXFLAGS="-O1 -g -fsanitize=thread"
+	TSAN_OPTIONS="suppressions=$(CURDIR)/stress/tsan.supp $(TSAN_OPTIONS)" $(MAKE) stress $(TSAN_VARS)
 # --- end stress ---
 
 # --- bench (issue 4): owned by bench/; edit only between these markers ---
@@ -132,6 +114,27 @@ $(BENCH)/w6_ours.o: bench/w6_ours.cpp coro_jobs.hpp | $(BENCH)
 $(BENCH)/w6_asio.o: bench/w6_asio.cpp | $(BENCH) bench-deps
 	$(CXX) $(REQUIRED) -Wall -Wextra -Werror $(BENCH_OPT) $(BENCH_ASIO) -c bench/w6_asio.cpp -o $@
 # --- end bench ---
+
+# `make -j2 ci-build`: every program CI runs, compiled in parallel (the runs stay serial, in
+# .ci/run). Each line is one configuration; make's job server shares the -j slots among them.
+CI_BUILDS := ci-gcc ci-clang ci-asan ci-tsan ci-asan-clang ci-tsan-clang ci-bench
+.PHONY: ci-build $(CI_BUILDS)
+ci-build: $(CI_BUILDS)
+ci-gcc:
+	$(MAKE) all $(BUILD)/stress $(BUILD)/stress-deep-O0 CXX=g++
+ci-clang:
+	$(MAKE) all BUILD=build-clang CXX=clang++
+ci-asan:
+	$(MAKE) build-asan/test build-asan/stress build-asan/stress-deep-O0 CXX=g++ $(ASAN_VARS)
+ci-tsan:
+	$(MAKE) build-tsan/test build-tsan/stress build-tsan/stress-deep-O0 CXX=g++ $(TSAN_VARS)
+ci-asan-clang:
+	$(MAKE) build-asan-clang/test CXX=clang++ BUILD=build-asan-clang \
+	  CXXFLAGS="$(ASAN_FLAGS) -fno-sanitize=function"
+ci-tsan-clang:
+	$(MAKE) build-tsan-clang/test CXX=clang++ BUILD=build-tsan-clang CXXFLAGS="$(TSAN_FLAGS)"
+ci-bench:
+	$(MAKE) bench-build
 
 # doctest comes from the system (Debian: doctest-dev). Install it if we can, else say how.
 deps:

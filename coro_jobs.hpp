@@ -86,37 +86,9 @@
 //     std::system_error(EBADF); durations saturate (negative = next iteration, huge = never);
 //     out of memory, start_job throws std::bad_alloc and leaves no job behind.
 //
-// SEPARATE COMPILATION (optional)
-//   By default every function is inline: include the header anywhere and nothing else is
-//   needed. Each file that includes it then also compiles the loop (about 1.6 s with g++
-//   -O2). To compile the loop once instead, build every file of the program with
-//   -DCORO_JOBS_SEPARATE_COMPILATION and add one file that holds the loop's functions:
-//       #define CORO_JOBS_IMPLEMENTATION
-//       #include "coro_jobs.hpp"
-//   Every other file then sees the API and the templates only (bench W6: 0.93 s instead of
-//   2.54 s for the smallest program). Costs about 2 ns per job switch: calls where the
-//   default inlines. Define CORO_JOBS_SEPARATE_COMPILATION in every file or in none.
 
 #ifndef CORO_JOBS_HPP
 #define CORO_JOBS_HPP
-
-// By default every function is inline. CORO_JOBS_SEPARATE_COMPILATION (see SEPARATE
-// COMPILATION above) leaves only declarations and templates in each file, and puts the
-// loop's functions in the one file that defines CORO_JOBS_IMPLEMENTATION.
-#if defined(CORO_JOBS_IMPLEMENTATION) && !defined(CORO_JOBS_SEPARATE_COMPILATION)
-#error "CORO_JOBS_IMPLEMENTATION needs CORO_JOBS_SEPARATE_COMPILATION, defined in every file"
-#endif
-#if defined(CORO_JOBS_SEPARATE_COMPILATION)
-#define CORO_JOBS_DECL
-#if defined(CORO_JOBS_IMPLEMENTATION)
-#define CORO_JOBS_BODIES 1
-#else
-#define CORO_JOBS_BODIES 0
-#endif
-#else
-#define CORO_JOBS_DECL inline
-#define CORO_JOBS_BODIES 1
-#endif
 
 #include <algorithm>
 #include <array>
@@ -145,7 +117,6 @@
 #include <cerrno>   // EBADF
 #include <poll.h>   // POLLIN, POLLOUT... for watch() and wait_readable()
 
-#if CORO_JOBS_BODIES  // what only the loop's functions use
 #include <condition_variable>
 #include <cstdio>
 #include <deque>
@@ -157,7 +128,6 @@
 #ifdef __linux__
 #include <sched.h>  // sched_getaffinity
 #include <sys/prctl.h>
-#endif
 #endif
 
 namespace coro_jobs {
@@ -826,39 +796,37 @@ struct job_state<void> final : job_ctx {
 };
 
 // --- What jobs and tasks ask of the loop
-// The templates below never touch loop_impl's members: they call these functions (and the
-// declared-only members of job_ctx, op_base, sleep_op, fd_op and group), so that a file
-// compiled with CORO_JOBS_SEPARATE_COMPILATION needs no definition of the loop at all. By
-// default they are inline and defined with the loop, so the compiler inlines them as before.
-CORO_JOBS_DECL void check_thread(loop_impl& l, const char* what);  // logic_error off the owner
-CORO_JOBS_DECL event_loop& event_loop_of(loop_impl& l) noexcept;
-CORO_JOBS_DECL event_loop& current_loop();  // running on this thread, else the newest made on it
-CORO_JOBS_DECL void resume_next(loop_impl& l, std::coroutine_handle<> h) noexcept;  // loop_impl::resume()
-CORO_JOBS_DECL void enqueue(loop_impl& l, job_ctx* j, std::coroutine_handle<> h);  // resume h
-CORO_JOBS_DECL void job_finished(job_ctx* j);  // its top frame has ended
-CORO_JOBS_DECL void note_went_on(job_ctx* j);  // it caught job_cancelled and went on: report once
-CORO_JOBS_DECL void finish_now(job_ctx* j);    // cancel it and finish its unwinding now
-CORO_JOBS_DECL void report(loop_impl& l, std::string name, std::exception_ptr e);  // to the handler
-CORO_JOBS_DECL void drop_handle(job_ctx* s);  // the last handle reports an unseen error
-CORO_JOBS_DECL void drop_handle_elsewhere(job_ctx* s) noexcept;  // off the owner thread
+// The templates below call these functions (and the declared-only members of job_ctx,
+// op_base, sleep_op, fd_op and group), defined inline with the loop further down.
+inline void check_thread(loop_impl& l, const char* what);  // logic_error off the owner
+inline event_loop& event_loop_of(loop_impl& l) noexcept;
+inline event_loop& current_loop();  // running on this thread, else the newest made on it
+inline void resume_next(loop_impl& l, std::coroutine_handle<> h) noexcept;  // loop_impl::resume()
+inline void enqueue(loop_impl& l, job_ctx* j, std::coroutine_handle<> h);  // resume h
+inline void job_finished(job_ctx* j);  // its top frame has ended
+inline void note_went_on(job_ctx* j);  // it caught job_cancelled and went on: report once
+inline void finish_now(job_ctx* j);    // cancel it and finish its unwinding now
+inline void report(loop_impl& l, std::string name, std::exception_ptr e);  // to the handler
+inline void drop_handle(job_ctx* s);  // the last handle reports an unseen error
+inline void drop_handle_elsewhere(job_ctx* s) noexcept;  // off the owner thread
 // start_job in three steps: reserve the ready slot (may throw); give it back if the state
 // cannot be made; or commit: list the job and fill its slot.
-CORO_JOBS_DECL void reserve_start(loop_impl& l);
-CORO_JOBS_DECL void unreserve_start(loop_impl& l) noexcept;
-CORO_JOBS_DECL void commit_start(loop_impl& l, job_ctx* j) noexcept;
+inline void reserve_start(loop_impl& l);
+inline void unreserve_start(loop_impl& l) noexcept;
+inline void commit_start(loop_impl& l, job_ctx* j) noexcept;
 // Thread functions and callbacks: the inbox is how other threads reach the loop.
-CORO_JOBS_DECL const std::shared_ptr<inbox>& inbox_of(loop_impl& l) noexcept;
-CORO_JOBS_DECL bool post_remote(inbox& b, std::function<void()> fn);  // any thread
-CORO_JOBS_DECL void submit_thread(loop_impl& l, std::shared_ptr<pool_task> work);
-CORO_JOBS_DECL void thread_returned(loop_impl& l) noexcept;  // its completion arrived
-CORO_JOBS_DECL bool withdraw_thread(loop_impl& l, pool_task* t) noexcept;  // still queued: never runs
-CORO_JOBS_DECL void abandon_thread(loop_impl& l, std::shared_ptr<pool_task> t) noexcept;  // may still run
+inline const std::shared_ptr<inbox>& inbox_of(loop_impl& l) noexcept;
+inline bool post_remote(inbox& b, std::function<void()> fn);  // any thread
+inline void submit_thread(loop_impl& l, std::shared_ptr<pool_task> work);
+inline void thread_returned(loop_impl& l) noexcept;  // its completion arrived
+inline bool withdraw_thread(loop_impl& l, pool_task* t) noexcept;  // still queued: never runs
+inline void abandon_thread(loop_impl& l, std::shared_ptr<pool_task> t) noexcept;  // may still run
 // Blocks until t's function has returned; the watchdog names j if that holds the loop.
-CORO_JOBS_DECL void wait_for_thread(loop_impl& l, job_ctx* j, const pool_task& t) noexcept;
-CORO_JOBS_DECL unsigned usable_cpus() noexcept;  // CPUs this thread may run on (its affinity mask)
-CORO_JOBS_DECL void count_callback(loop_impl& l, bool waiting) noexcept;  // a callback task
-CORO_JOBS_DECL void queue_progress(loop_impl& l, void (*deliver)(void*), std::shared_ptr<void> s);
-CORO_JOBS_DECL std::shared_ptr<void> take_progress_ref(loop_impl& l, const void* s);
+inline void wait_for_thread(loop_impl& l, job_ctx* j, const pool_task& t) noexcept;
+inline unsigned usable_cpus() noexcept;  // CPUs this thread may run on (its affinity mask)
+inline void count_callback(loop_impl& l, bool waiting) noexcept;  // a callback task
+inline void queue_progress(loop_impl& l, void (*deliver)(void*), std::shared_ptr<void> s);
+inline std::shared_ptr<void> take_progress_ref(loop_impl& l, const void* s);
 
 // --- Frame memory
 // Every job frame is allocated with a room in front of it for a job_state, so start_job
@@ -2022,10 +1990,9 @@ auto job_scope::start(F&& make, std::string name, std::optional<restart> policy)
 }
 
 // ======================================================================================
-//            The loop and its functions: inline, or compiled once (see SEPARATE COMPILATION)
+//                                 The loop and its functions
 // ======================================================================================
 
-#if CORO_JOBS_BODIES
 namespace detail {
 
 // --- Cross-thread inbox -----------------------------------------------------------------
@@ -2084,7 +2051,7 @@ struct inbox {
   void close();                                         // drops items; later pushes fail
 };
 
-CORO_JOBS_DECL inbox::inbox() {
+inline inbox::inbox() {
   int fds[2];
   if (::pipe(fds) != 0) throw std::system_error(errno, std::generic_category(), "coro_jobs: pipe");
   rfd = fds[0];
@@ -2094,11 +2061,11 @@ CORO_JOBS_DECL inbox::inbox() {
     ::fcntl(fd, F_SETFD, FD_CLOEXEC);
   }
 }
-CORO_JOBS_DECL inbox::~inbox() {
+inline inbox::~inbox() {
   ::close(rfd);
   ::close(wfd);
 }
-CORO_JOBS_DECL bool inbox::push(std::function<void()> fn) {
+inline bool inbox::push(std::function<void()> fn) {
   int how;
   {
     std::lock_guard<std::mutex> lock(m);
@@ -2109,7 +2076,7 @@ CORO_JOBS_DECL bool inbox::push(std::function<void()> fn) {
   signal(how);
   return true;
 }
-CORO_JOBS_DECL void inbox::wake() {
+inline void inbox::wake() {
   int how;
   {
     std::lock_guard<std::mutex> lock(m);
@@ -2122,14 +2089,14 @@ CORO_JOBS_DECL void inbox::wake() {
 // loop needs neither: it reads `signalled` before it blocks. With loop_impl::wait this is
 // Dekker's handshake (all seq_cst): either the loop sees our flag and does not block, or
 // we see its `polling` and our byte wakes its ppoll.
-CORO_JOBS_DECL int inbox::decide() noexcept {
+inline int inbox::decide() noexcept {
   if (signalled.exchange(true)) return 0;
   if (sleeping) return 1;
   if (!polling.load()) return 0;
   piped.store(true, std::memory_order_relaxed);
   return 2;
 }
-CORO_JOBS_DECL void inbox::signal(int how) noexcept {
+inline void inbox::signal(int how) noexcept {
   if (how == 1) {
     cv.notify_one();
   } else if (how == 2) {
@@ -2141,12 +2108,12 @@ CORO_JOBS_DECL void inbox::signal(int how) noexcept {
 // reset writes a fresh byte, so ppoll cannot miss it. (One that set it before the reset
 // may write its byte after the drain; run_once drains such a stale byte when poll shows
 // it, or every later poll would return at once.)
-CORO_JOBS_DECL void inbox::drain() noexcept {
+inline void inbox::drain() noexcept {
   char buf[64];
   while (::read(rfd, buf, sizeof buf) == sizeof buf) {
   }
 }
-CORO_JOBS_DECL void inbox::take(std::vector<std::function<void()>>& out) {
+inline void inbox::take(std::vector<std::function<void()>>& out) {
   if (piped.exchange(false, std::memory_order_acquire)) drain();
   signalled.store(false, std::memory_order_release);
   std::lock_guard<std::mutex> lock(m);
@@ -2154,7 +2121,7 @@ CORO_JOBS_DECL void inbox::take(std::vector<std::function<void()>>& out) {
 }
 // The loop's blocking wait when it watches no fd (timeout < 0: no limit).
 // spin: a worker is running a function, so a completion may be microseconds away.
-CORO_JOBS_DECL void inbox::sleep(std::chrono::steady_clock::duration timeout, bool spin) {
+inline void inbox::sleep(std::chrono::steady_clock::duration timeout, bool spin) {
   if (spin) spin_until([this] { return signalled.load(std::memory_order_acquire); });
   if (signalled.load(std::memory_order_acquire)) return;  // skip the mutex when busy
   std::unique_lock<std::mutex> lock(m);
@@ -2167,7 +2134,7 @@ CORO_JOBS_DECL void inbox::sleep(std::chrono::steady_clock::duration timeout, bo
     cv.wait_for(lock, std::min<std::chrono::steady_clock::duration>(timeout, std::chrono::hours(24)), woken);
   sleeping = false;
 }
-CORO_JOBS_DECL void inbox::close() {
+inline void inbox::close() {
   std::vector<std::function<void()>> dropped;
   {
     std::lock_guard<std::mutex> lock(m);
@@ -2203,7 +2170,7 @@ struct worker_pool {
 // a woken worker does not preempt the loop in mid-iteration on a small machine (bench W3,
 // 64 concurrent jobs on 2 cores: 2 us per round trip before, 0.4 us after). A thread is
 // started at once if the pool may grow and every thread is busy.
-CORO_JOBS_DECL void worker_pool::submit(const std::shared_ptr<worker_pool>& p,
+inline void worker_pool::submit(const std::shared_ptr<worker_pool>& p,
                                         std::shared_ptr<pool_task> work) {
   std::lock_guard<std::mutex> lock(p->m);
   p->queue.push_back(std::move(work));
@@ -2222,7 +2189,7 @@ CORO_JOBS_DECL void worker_pool::submit(const std::shared_ptr<worker_pool>& p,
 }
 // Wakes as many idle workers as there is queued work (busy ones take more by themselves).
 // noexcept: a mutex that cannot be locked is beyond repair.
-CORO_JOBS_DECL void worker_pool::kick() noexcept {
+inline void worker_pool::kick() noexcept {
   std::size_t n;
   {
     std::lock_guard<std::mutex> lock(m);
@@ -2230,7 +2197,7 @@ CORO_JOBS_DECL void worker_pool::kick() noexcept {
   }
   while (n-- > 0) cv.notify_one();
 }
-CORO_JOBS_DECL void worker_pool::work_loop() {
+inline void worker_pool::work_loop() {
   std::unique_lock<std::mutex> lock(m);
   for (;;) {
     while (queue.empty() && !stopping) {
@@ -2250,7 +2217,7 @@ CORO_JOBS_DECL void worker_pool::work_loop() {
   }
   --threads;
 }
-CORO_JOBS_DECL std::shared_ptr<pool_task> worker_pool::withdraw(pool_task* t) {
+inline std::shared_ptr<pool_task> worker_pool::withdraw(pool_task* t) {
   std::lock_guard<std::mutex> lock(m);
   auto it = std::find_if(queue.begin(), queue.end(), [t](const auto& q) { return q.get() == t; });
   if (it == queue.end()) return nullptr;
@@ -2259,7 +2226,7 @@ CORO_JOBS_DECL std::shared_ptr<pool_task> worker_pool::withdraw(pool_task* t) {
   queued.store(queue.size(), std::memory_order_relaxed);
   return out;
 }
-CORO_JOBS_DECL void worker_pool::stop() {
+inline void worker_pool::stop() {
   std::deque<std::shared_ptr<pool_task>> dropped;
   {
     std::lock_guard<std::mutex> lock(m);
@@ -2270,7 +2237,7 @@ CORO_JOBS_DECL void worker_pool::stop() {
   cv.notify_all();
   for (auto& t : dropped) t->mark_returned();
 }
-CORO_JOBS_DECL void worker_pool::release_workers(bool join) {
+inline void worker_pool::release_workers(bool join) {
   for (std::thread& t : workers) join ? t.join() : t.detach();
   workers.clear();
 }
@@ -2417,10 +2384,10 @@ struct loop_impl {
   void collect_due_timers();
 };
 
-CORO_JOBS_DECL void loop_impl::kick_pool_if_needed() noexcept {
+inline void loop_impl::kick_pool_if_needed() noexcept {
   if (std::exchange(kick_pool, false)) pool->kick();
 }
-CORO_JOBS_DECL std::shared_ptr<void> loop_impl::take_progress_ref(const void* s) {
+inline std::shared_ptr<void> loop_impl::take_progress_ref(const void* s) {
   for (auto& r : progress_refs)
     if (r.get() == s) {
       auto out = std::move(r);
@@ -2430,7 +2397,7 @@ CORO_JOBS_DECL std::shared_ptr<void> loop_impl::take_progress_ref(const void* s)
     }
   return {};
 }
-CORO_JOBS_DECL loop_impl::loop_impl(event_loop* s, std::size_t workers) : self(s) {
+inline loop_impl::loop_impl(event_loop* s, std::size_t workers) : self(s) {
   if (workers == 0) {
     workers = std::min<std::size_t>(32, std::size_t(usable_cpus()) + 4);
   }
@@ -2444,31 +2411,31 @@ CORO_JOBS_DECL loop_impl::loop_impl(event_loop* s, std::size_t workers) : self(s
   pfds.push_back({box->rfd, POLLIN, 0});
   fd_owners.push_back(nullptr);
 }
-CORO_JOBS_DECL time_point loop_impl::clock() const noexcept {
+inline time_point loop_impl::clock() const noexcept {
   return manual ? manual_now : clock_type::now();
 }
-CORO_JOBS_DECL void loop_impl::check_thread(const char* what) const {
+inline void loop_impl::check_thread(const char* what) const {
   if (std::this_thread::get_id() != owner) fail_logic(what);
 }
 // Queues job j to resume at frame h. The item names the job, not the frame, so that the
 // watchdog and job scopes can tell whose it is.
-CORO_JOBS_DECL void loop_impl::enqueue(job_ctx* j, std::coroutine_handle<> h) {
+inline void loop_impl::enqueue(job_ctx* j, std::coroutine_handle<> h) {
   j->resume_at = h;
   ready.push_back({nullptr, j});
 }
-CORO_JOBS_DECL void loop_impl::resume_job(job_ctx* j) {
+inline void loop_impl::resume_job(job_ctx* j) {
   job_ctx* const outer = std::exchange(current, j);  // a job scope may resume one inside another
   resume(std::exchange(j->resume_at, {}));
   current = outer;
 }
-CORO_JOBS_DECL void loop_impl::skip(void*) noexcept {}
+inline void loop_impl::skip(void*) noexcept {}
 // Replaces every queued item {run, arg} with a no-op: job scopes run it themselves.
-CORO_JOBS_DECL void loop_impl::unqueue(void (*run)(void*), void* arg) noexcept {
+inline void loop_impl::unqueue(void (*run)(void*), void* arg) noexcept {
   for (auto* q : {&ready, &running})
     for (ready_item& it : *q)
       if (it.run == run && it.arg == arg) it = {&skip, nullptr};
 }
-CORO_JOBS_DECL void loop_impl::resume(std::coroutine_handle<> h) {
+inline void loop_impl::resume(std::coroutine_handle<> h) {
   do {
     next = {};
     h.resume();
@@ -2479,7 +2446,7 @@ CORO_JOBS_DECL void loop_impl::resume(std::coroutine_handle<> h) {
 // The timers form a 4-ary min-heap on (deadline, seq): half the levels of a binary heap,
 // and a node's four children sit in two cache lines. With a million sleeping jobs the
 // sift loops are most of a timer's cost (bench W2), and cache misses most of theirs.
-CORO_JOBS_DECL std::uint64_t loop_impl::add_timer(time_point deadline, void (*fire)(void*, loop_impl&),
+inline std::uint64_t loop_impl::add_timer(time_point deadline, void (*fire)(void*, loop_impl&),
                                                  void* arg) {
   const std::uint64_t seq = ++next_seq;
   const timer_entry e{deadline, seq, fire, arg};
@@ -2494,11 +2461,11 @@ CORO_JOBS_DECL std::uint64_t loop_impl::add_timer(time_point deadline, void (*fi
   timers[i] = e;
   return seq;
 }
-CORO_JOBS_DECL void loop_impl::heapify() noexcept {
+inline void loop_impl::heapify() noexcept {
   for (std::size_t i = timers.size() / 4 + 1; i-- > 0;)
     if (i < timers.size()) sift_down(i);
 }
-CORO_JOBS_DECL void loop_impl::sift_down(std::size_t i) noexcept {
+inline void loop_impl::sift_down(std::size_t i) noexcept {
   const std::size_t n = timers.size();
   const timer_entry e = timers[i];
   for (;;) {
@@ -2513,7 +2480,7 @@ CORO_JOBS_DECL void loop_impl::sift_down(std::size_t i) noexcept {
   }
   timers[i] = e;
 }
-CORO_JOBS_DECL timer_entry loop_impl::pop_timer() noexcept {
+inline timer_entry loop_impl::pop_timer() noexcept {
   const timer_entry top = timers.front();
   timers.front() = timers.back();
   timers.pop_back();
@@ -2521,13 +2488,13 @@ CORO_JOBS_DECL timer_entry loop_impl::pop_timer() noexcept {
   return top;
 }
 // Drops cancelled entries from the top, so that front() is the next live deadline.
-CORO_JOBS_DECL void loop_impl::drop_dead_front() noexcept {
+inline void loop_impl::drop_dead_front() noexcept {
   while (!timers.empty() && !dead_timers.empty() && dead_timers.erase(timers.front().seq))
     drop_timer(pop_timer());
 }
 // Cancelling only marks the entry, as Redis and asyncio do; the heap drops it when it
 // reaches the top, or in a sweep once dead entries are the majority.
-CORO_JOBS_DECL void loop_impl::cancel_timer(std::uint64_t seq) {
+inline void loop_impl::cancel_timer(std::uint64_t seq) {
   dead_timers.insert(seq);
   if (dead_timers.size() > 64 && dead_timers.size() * 2 > timers.size()) {
     auto dead = [this](const timer_entry& e) {
@@ -2540,19 +2507,19 @@ CORO_JOBS_DECL void loop_impl::cancel_timer(std::uint64_t seq) {
     dead_timers.clear();
   }
 }
-CORO_JOBS_DECL void loop_impl::drop_timer(const timer_entry& e) noexcept {
+inline void loop_impl::drop_timer(const timer_entry& e) noexcept {
   if (e.fire == &callback_node::fire_timer) static_cast<callback_node*>(e.arg)->unref();
 }
-CORO_JOBS_DECL std::size_t loop_impl::live_timers() const noexcept {
+inline std::size_t loop_impl::live_timers() const noexcept {
   return timers.size() - dead_timers.size();
 }
 // ---- fds
-CORO_JOBS_DECL void loop_impl::add_fd(fd_owner* o, int fd, short events) {
+inline void loop_impl::add_fd(fd_owner* o, int fd, short events) {
   pfds.push_back({fd, events, 0});
   fd_owners.push_back(o);
   o->fd_index = pfds.size() - 1;
 }
-CORO_JOBS_DECL void loop_impl::remove_fd(fd_owner* o) noexcept {
+inline void loop_impl::remove_fd(fd_owner* o) noexcept {
   const std::size_t i = o->fd_index, last = pfds.size() - 1;
   if (i == 0) return;
   pfds[i] = pfds[last];
@@ -2562,11 +2529,11 @@ CORO_JOBS_DECL void loop_impl::remove_fd(fd_owner* o) noexcept {
   fd_owners.pop_back();
   o->fd_index = 0;
 }
-CORO_JOBS_DECL void loop_impl::report(std::string name, std::exception_ptr e) {
+inline void loop_impl::report(std::string name, std::exception_ptr e) {
   errors.emplace_back(std::move(name), std::move(e));
   ready.push_back({&run_report, this});
 }
-CORO_JOBS_DECL void loop_impl::call_handler(std::string_view name, std::exception_ptr e) {
+inline void loop_impl::call_handler(std::string_view name, std::exception_ptr e) {
   // A copy: the handler may replace itself (set_error_handler) while it runs.
   if (on_error) {
     const error_handler fn = on_error;
@@ -2574,7 +2541,7 @@ CORO_JOBS_DECL void loop_impl::call_handler(std::string_view name, std::exceptio
   }
   print_error(name, e);
 }
-CORO_JOBS_DECL void loop_impl::print_error(std::string_view name, const std::exception_ptr& e) noexcept {
+inline void loop_impl::print_error(std::string_view name, const std::exception_ptr& e) noexcept {
   try {
     std::rethrow_exception(e);
   } catch (const slow_step& x) {  // not a failure; its what() is the whole report
@@ -2587,17 +2554,17 @@ CORO_JOBS_DECL void loop_impl::print_error(std::string_view name, const std::exc
   }
 }
 // ---- jobs
-CORO_JOBS_DECL void loop_impl::link(job_ctx* j) noexcept {
+inline void loop_impl::link(job_ctx* j) noexcept {
   j->next = jobs;
   if (jobs) jobs->prev = j;
   jobs = j;
 }
-CORO_JOBS_DECL void loop_impl::unlink(job_ctx* j) noexcept {
+inline void loop_impl::unlink(job_ctx* j) noexcept {
   (j->prev ? j->prev->next : jobs) = j->next;
   if (j->next) j->next->prev = j->prev;
   j->prev = j->next = nullptr;
 }
-CORO_JOBS_DECL void loop_impl::run_posted(void* self) {
+inline void loop_impl::run_posted(void* self) {
   auto* l = static_cast<loop_impl*>(self);
   auto fn = std::move(l->posted.front());
   l->posted.pop_front();
@@ -2607,7 +2574,7 @@ CORO_JOBS_DECL void loop_impl::run_posted(void* self) {
     l->report("post", std::current_exception());
   }
 }
-CORO_JOBS_DECL bool loop_impl::pending() const noexcept {
+inline bool loop_impl::pending() const noexcept {
   return !ready.empty() || live_timers() > 0 || pfds.size() > 1 || outstanding > 0 ||
          box->signalled.load(std::memory_order_acquire);
 }
@@ -2619,7 +2586,7 @@ CORO_JOBS_DECL bool loop_impl::pending() const noexcept {
 //   3. run the ready snapshot: only what was ready when this step began, so a job that
 //      keeps yielding cannot starve timers or fds (its next turn is the next iteration);
 //   4. report whether anything is still pending.
-CORO_JOBS_DECL bool loop_impl::run_once() {
+inline bool loop_impl::run_once() {
   if (in_iteration) fail_logic("coro_jobs: run() or run_once() called from inside the loop");
   if (!pending()) return false;
   in_iteration = true;
@@ -2679,7 +2646,7 @@ CORO_JOBS_DECL bool loop_impl::run_once() {
 
 // Runs this iteration's snapshot. Only the error handler (or the watchdog's) throws out of
 // here; the rest of the snapshot is kept for the next iteration.
-CORO_JOBS_DECL void loop_impl::run_items() {
+inline void loop_impl::run_items() {
   std::size_t i = 0;
   try {
     for (; i < running.size(); ++i) {
@@ -2699,7 +2666,7 @@ CORO_JOBS_DECL void loop_impl::run_items() {
 // The same, timing each item against the watchdog's threshold (real time, even with a
 // manual clock: it is the user's wait that matters). A job is held by a reference while it
 // runs, so its name can still be read when it has just ended.
-CORO_JOBS_DECL void loop_impl::run_items_watched() {
+inline void loop_impl::run_items_watched() {
   std::size_t i = 0;
   std::string name;
   try {
@@ -2729,7 +2696,7 @@ CORO_JOBS_DECL void loop_impl::run_items_watched() {
   }
 }
 
-CORO_JOBS_DECL void loop_impl::report_slow(const std::string& w, duration held) {
+inline void loop_impl::report_slow(const std::string& w, duration held) {
   if (on_slow) {
     const watchdog_handler fn = on_slow;  // a copy: it may call set_watchdog
     fn(w, held);
@@ -2741,7 +2708,7 @@ CORO_JOBS_DECL void loop_impl::report_slow(const std::string& w, duration held) 
   }
 }
 
-CORO_JOBS_DECL const char* loop_impl::who(const ready_item& it, std::string& name) const {
+inline const char* loop_impl::who(const ready_item& it, std::string& name) const {
   if (!it.run || it.run == &run_start) {
     name = static_cast<job_ctx*>(it.arg)->extra.name_or_job();
     return name.c_str();
@@ -2756,7 +2723,7 @@ CORO_JOBS_DECL const char* loop_impl::who(const ready_item& it, std::string& nam
 // Blocks in ppoll (nanosecond timeout) for at most `timeout` (negative: no limit). When
 // work is ready and no fd is watched, the syscall is skipped: the inbox flag is an atomic
 // we can read directly, which keeps a yield as cheap as a queue push.
-CORO_JOBS_DECL void loop_impl::wait(duration timeout) {
+inline void loop_impl::wait(duration timeout) {
   if (timeout == duration::zero() && pfds.size() == 1) return;
   ++polls;
   if (pfds.size() == 1) {  // only the inbox to wait for: a futex, not a pipe and ppoll
@@ -2801,7 +2768,7 @@ CORO_JOBS_DECL void loop_impl::wait(duration timeout) {
   }
 }
 
-CORO_JOBS_DECL void loop_impl::collect_due_timers() {
+inline void loop_impl::collect_due_timers() {
   while (!timers.empty() && timers.front().deadline <= now) {
     const timer_entry e = pop_timer();
     if (!dead_timers.empty() && dead_timers.erase(e.seq)) {
@@ -2812,7 +2779,7 @@ CORO_JOBS_DECL void loop_impl::collect_due_timers() {
   }
 }
 
-CORO_JOBS_DECL void loop_impl::run_report(void* self) {
+inline void loop_impl::run_report(void* self) {
   auto* l = static_cast<loop_impl*>(self);
   auto [name, e] = std::move(l->errors.front());
   l->errors.pop_front();
@@ -2824,7 +2791,7 @@ CORO_JOBS_DECL void loop_impl::run_report(void* self) {
 // Runs from ~event_loop before the implementation goes, so that the destructors of job
 // frames may still use the loop: now() works, post() is dropped (the inbox is closed), and
 // a job started meanwhile is linked like any other and so destroyed, unstarted, below.
-CORO_JOBS_DECL void loop_impl::shut_down() {
+inline void loop_impl::shut_down() {
   closing = true;
   box->close();  // later completions from workers and task_returns are dropped
   // Every wait is cancelled first, so that all running thread functions are asked to stop
@@ -2895,9 +2862,9 @@ CORO_JOBS_DECL void loop_impl::shut_down() {
   }
   errors.clear();
 }
-CORO_JOBS_DECL loop_impl::~loop_impl() = default;
+inline loop_impl::~loop_impl() = default;
 
-CORO_JOBS_DECL void callback_node::fd_ready(loop_impl& l, short ev) noexcept {
+inline void callback_node::fd_ready(loop_impl& l, short ev) noexcept {
   revents = ev;
   ref();  // the ready item's
   l.ready.push_back({&run_watch, this});
@@ -2907,7 +2874,7 @@ CORO_JOBS_DECL void callback_node::fd_ready(loop_impl& l, short ev) noexcept {
     unref();  // the registration's
   }
 }
-CORO_JOBS_DECL void callback_node::run_watch(void* self) {
+inline void callback_node::run_watch(void* self) {
   auto* n = static_cast<callback_node*>(self);
   if ((n->active || (n->revents & POLLNVAL)) && n->loop) {
     try {
@@ -2918,11 +2885,11 @@ CORO_JOBS_DECL void callback_node::run_watch(void* self) {
   }
   n->unref();
 }
-CORO_JOBS_DECL void callback_node::fire_timer(void* self, loop_impl& l) {
+inline void callback_node::fire_timer(void* self, loop_impl& l) {
   static_cast<callback_node*>(self)->seq = 0;  // out of the heap: cancel() must not mark it
   l.ready.push_back({&run_timer, self});  // hands the heap's reference to the ready item
 }
-CORO_JOBS_DECL void callback_node::run_timer(void* self) {
+inline void callback_node::run_timer(void* self) {
   auto* n = static_cast<callback_node*>(self);
   if (n->active && n->loop) {
     n->active = false;
@@ -2935,34 +2902,34 @@ CORO_JOBS_DECL void callback_node::run_timer(void* self) {
   n->unref();
 }
 
-CORO_JOBS_DECL callback_node::callback_node(loop_impl& l) noexcept : loop(&l) {
+inline callback_node::callback_node(loop_impl& l) noexcept : loop(&l) {
   next_node = l.nodes;
   if (l.nodes) l.nodes->prev_node = this;
   l.nodes = this;
 }
-CORO_JOBS_DECL callback_node::~callback_node() {
+inline callback_node::~callback_node() {
   if (!loop) return;
   (prev_node ? prev_node->next_node : loop->nodes) = next_node;
   if (next_node) next_node->prev_node = prev_node;
 }
 
-CORO_JOBS_DECL callback_handle access::make_handle(callback_node* n) noexcept {
+inline callback_handle access::make_handle(callback_node* n) noexcept {
   callback_handle h;
   h.n_ = n;
   return h;
 }
 
-CORO_JOBS_DECL void callback_node::ref() noexcept { ++refs; }
-CORO_JOBS_DECL void callback_node::unref() noexcept {
+inline void callback_node::ref() noexcept { ++refs; }
+inline void callback_node::unref() noexcept {
   if (--refs == 0) delete this;
 }
 
-CORO_JOBS_DECL void op_base::park() noexcept {
+inline void op_base::park() noexcept {
   ctx_->pending = this;
   ctx_->since = ctx_->loop->now;
 }
 
-CORO_JOBS_DECL bool job_ctx::cancel() noexcept {
+inline bool job_ctx::cancel() noexcept {
   if (done) return false;
   cancelled = true;
   if (op_base* p = pending) {
@@ -2978,7 +2945,7 @@ CORO_JOBS_DECL bool job_ctx::cancel() noexcept {
 
 // Cancels job j and finishes its unwinding now, instead of on a later iteration: its ready
 // item is withdrawn and run here. Branches of a when_all/when_any it waits on go first.
-CORO_JOBS_DECL void loop_impl::finish_now(job_ctx* j) {
+inline void loop_impl::finish_now(job_ctx* j) {
   if (j->done) return;
   if (j == current) {  // it is running (it closed its own scope): it ends at its next await
     j->cancel();
@@ -3011,7 +2978,7 @@ CORO_JOBS_DECL void loop_impl::finish_now(job_ctx* j) {
 
 // The top frame has ended (or was dropped unstarted): wake handle awaiters, report an error
 // that nobody can retrieve any more, and drop the frame's reference.
-CORO_JOBS_DECL void loop_impl::job_finished(job_ctx* j) {
+inline void loop_impl::job_finished(job_ctx* j) {
   j->done = true;
   if (!j->error && j->reach == job_ctx::cancel_reach::thrown) note_went_on(j);  // ended normally
   j->extra.drop_maker();
@@ -3033,7 +3000,7 @@ CORO_JOBS_DECL void loop_impl::job_finished(job_ctx* j) {
   j->release();
 }
 
-CORO_JOBS_DECL void loop_impl::run_start(void* p) {
+inline void loop_impl::run_start(void* p) {
   auto* j = static_cast<job_ctx*>(p);
   if (j->cancelled) {  // cancelled before its body began: never run it
     std::exchange(j->root, {}).destroy();
@@ -3051,7 +3018,7 @@ CORO_JOBS_DECL void loop_impl::run_start(void* p) {
 
 // A job that caught job_cancelled and went on (awaited again, or ended normally) is a bug in
 // the job: reported once, naming it. It goes on unwinding: each later co_await throws again.
-CORO_JOBS_DECL void note_went_on(job_ctx* j) {
+inline void note_went_on(job_ctx* j) {
   if (j->reach == job_ctx::cancel_reach::went_on) return;
   j->reach = job_ctx::cancel_reach::went_on;
   const std::string name = j->extra.name_or_job();
@@ -3061,7 +3028,7 @@ CORO_JOBS_DECL void note_went_on(job_ctx* j) {
 }
 
 // A job's error is seen by result() or an awaiter: it need not be reported any more.
-CORO_JOBS_DECL void observe_error(job_ctx* j) noexcept {
+inline void observe_error(job_ctx* j) noexcept {
   j->error_seen = true;
   if (j->done && j->loop) {
     j->loop->unlink(j);
@@ -3069,14 +3036,14 @@ CORO_JOBS_DECL void observe_error(job_ctx* j) noexcept {
   }
 }
 
-CORO_JOBS_DECL void job_ctx::rethrow_if_error() {
+inline void job_ctx::rethrow_if_error() {
   if (error) {
     observe_error(this);
     std::rethrow_exception(error);
   }
 }
 
-CORO_JOBS_DECL void drop_handle(job_ctx* s) {
+inline void drop_handle(job_ctx* s) {
   if (--s->handles == 0 && s->done && s->error && !s->error_is_cancel && !s->error_seen) {
     s->error_seen = true;
     if (loop_impl* l = s->loop) {
@@ -3092,42 +3059,42 @@ CORO_JOBS_DECL void drop_handle(job_ctx* s) {
 
 // ---- What jobs and tasks ask of the loop (declared before the templates)
 
-CORO_JOBS_DECL void check_thread(loop_impl& l, const char* what) { l.check_thread(what); }
-CORO_JOBS_DECL event_loop& event_loop_of(loop_impl& l) noexcept { return *l.self; }
-CORO_JOBS_DECL void resume_next(loop_impl& l, std::coroutine_handle<> h) noexcept { l.next = h; }
-CORO_JOBS_DECL void enqueue(loop_impl& l, job_ctx* j, std::coroutine_handle<> h) { l.enqueue(j, h); }
-CORO_JOBS_DECL void job_finished(job_ctx* j) { j->loop->job_finished(j); }
-CORO_JOBS_DECL void finish_now(job_ctx* j) { j->loop->finish_now(j); }
-CORO_JOBS_DECL void report(loop_impl& l, std::string name, std::exception_ptr e) {
+inline void check_thread(loop_impl& l, const char* what) { l.check_thread(what); }
+inline event_loop& event_loop_of(loop_impl& l) noexcept { return *l.self; }
+inline void resume_next(loop_impl& l, std::coroutine_handle<> h) noexcept { l.next = h; }
+inline void enqueue(loop_impl& l, job_ctx* j, std::coroutine_handle<> h) { l.enqueue(j, h); }
+inline void job_finished(job_ctx* j) { j->loop->job_finished(j); }
+inline void finish_now(job_ctx* j) { j->loop->finish_now(j); }
+inline void report(loop_impl& l, std::string name, std::exception_ptr e) {
   l.report(std::move(name), std::move(e));
 }
-CORO_JOBS_DECL void reserve_start(loop_impl& l) { l.ready.push_back({&loop_impl::run_start, nullptr}); }
-CORO_JOBS_DECL void unreserve_start(loop_impl& l) noexcept { l.ready.pop_back(); }
-CORO_JOBS_DECL void commit_start(loop_impl& l, job_ctx* j) noexcept {
+inline void reserve_start(loop_impl& l) { l.ready.push_back({&loop_impl::run_start, nullptr}); }
+inline void unreserve_start(loop_impl& l) noexcept { l.ready.pop_back(); }
+inline void commit_start(loop_impl& l, job_ctx* j) noexcept {
   l.link(j);
   l.ready.back().arg = j;
 }
-CORO_JOBS_DECL const std::shared_ptr<inbox>& inbox_of(loop_impl& l) noexcept { return l.box; }
-CORO_JOBS_DECL bool post_remote(inbox& b, std::function<void()> fn) { return b.push(std::move(fn)); }
-CORO_JOBS_DECL void submit_thread(loop_impl& l, std::shared_ptr<pool_task> work) {
+inline const std::shared_ptr<inbox>& inbox_of(loop_impl& l) noexcept { return l.box; }
+inline bool post_remote(inbox& b, std::function<void()> fn) { return b.push(std::move(fn)); }
+inline void submit_thread(loop_impl& l, std::shared_ptr<pool_task> work) {
   worker_pool::submit(l.pool, std::move(work));
   l.kick_pool = true;
   ++l.outstanding;
   ++l.threads_out;
 }
-CORO_JOBS_DECL void thread_returned(loop_impl& l) noexcept {
+inline void thread_returned(loop_impl& l) noexcept {
   --l.outstanding;
   --l.threads_out;
 }
 // hardware_concurrency() counts the machine's CPUs; `taskset -c 0` leaves one usable.
 // A cancelled job's function that no worker has taken yet is taken out of the queue: it
 // never runs, and the job need not wait for it.
-CORO_JOBS_DECL bool withdraw_thread(loop_impl& l, pool_task* t) noexcept {
+inline bool withdraw_thread(loop_impl& l, pool_task* t) noexcept {
   if (!l.pool->withdraw(t)) return false;
   thread_returned(l);
   return true;
 }
-CORO_JOBS_DECL void abandon_thread(loop_impl& l, std::shared_ptr<pool_task> t) noexcept {
+inline void abandon_thread(loop_impl& l, std::shared_ptr<pool_task> t) noexcept {
   std::erase_if(l.abandoned, [](const auto& a) { return a->returned.load(std::memory_order_acquire); });
   try {
     l.abandoned.push_back(std::move(t));
@@ -3135,7 +3102,7 @@ CORO_JOBS_DECL void abandon_thread(loop_impl& l, std::shared_ptr<pool_task> t) n
     l.detach_workers = true;
   }
 }
-CORO_JOBS_DECL void wait_for_thread(loop_impl& l, job_ctx* j, const pool_task& t) noexcept {
+inline void wait_for_thread(loop_impl& l, job_ctx* j, const pool_task& t) noexcept {
   const auto t0 = clock_type::now();
   t.returned.wait(false, std::memory_order_acquire);
   const auto held = clock_type::now() - t0;
@@ -3146,7 +3113,7 @@ CORO_JOBS_DECL void wait_for_thread(loop_impl& l, job_ctx* j, const pool_task& t
     l.report("watchdog", std::current_exception());
   }
 }
-CORO_JOBS_DECL unsigned usable_cpus() noexcept {
+inline unsigned usable_cpus() noexcept {
 #ifdef __linux__
   cpu_set_t set;
   CPU_ZERO(&set);
@@ -3155,13 +3122,13 @@ CORO_JOBS_DECL unsigned usable_cpus() noexcept {
   const unsigned hw = std::thread::hardware_concurrency();
   return hw ? hw : 1;
 }
-CORO_JOBS_DECL void count_callback(loop_impl& l, bool waiting) noexcept {
+inline void count_callback(loop_impl& l, bool waiting) noexcept {
   if (waiting)
     ++l.outstanding;
   else
     --l.outstanding;
 }
-CORO_JOBS_DECL void queue_progress(loop_impl& l, void (*deliver)(void*), std::shared_ptr<void> s) {
+inline void queue_progress(loop_impl& l, void (*deliver)(void*), std::shared_ptr<void> s) {
   void* const p = s.get();
   l.progress_refs.push_back(std::move(s));  // first: a queued delivery finds its state alive
   try {
@@ -3171,17 +3138,17 @@ CORO_JOBS_DECL void queue_progress(loop_impl& l, void (*deliver)(void*), std::sh
     throw;
   }
 }
-CORO_JOBS_DECL std::shared_ptr<void> take_progress_ref(loop_impl& l, const void* s) {
+inline std::shared_ptr<void> take_progress_ref(loop_impl& l, const void* s) {
   return l.take_progress_ref(s);
 }
 
 // ---- Sleeps and fd waits
 
-CORO_JOBS_DECL bool sleep_op::await_ready() const {
+inline bool sleep_op::await_ready() const {
   require_job(ctx_);
   return ctx_->cancelled;
 }
-CORO_JOBS_DECL void sleep_op::await_suspend(std::coroutine_handle<> h) {
+inline void sleep_op::await_suspend(std::coroutine_handle<> h) {
   loop_impl& l = *ctx_->loop;
   waiter_ = h;
   const duration d = at_.time_since_epoch();
@@ -3195,56 +3162,56 @@ CORO_JOBS_DECL void sleep_op::await_suspend(std::coroutine_handle<> h) {
   seq_ = l.add_timer(deadline_after(at_, d), &fire, this);
   park();
 }
-CORO_JOBS_DECL duration sleep_op::await_resume() const {
+inline duration sleep_op::await_resume() const {
   if (ctx_->cancelled) throw job_cancelled{};
   return ctx_->loop->now - at_;
 }
-CORO_JOBS_DECL void sleep_op::cancel_op() noexcept { ctx_->loop->cancel_timer(seq_); }
-CORO_JOBS_DECL const char* sleep_op::what() const noexcept { return "sleep_task"; }
-CORO_JOBS_DECL void sleep_op::fire(void* self, loop_impl& l) {
+inline void sleep_op::cancel_op() noexcept { ctx_->loop->cancel_timer(seq_); }
+inline const char* sleep_op::what() const noexcept { return "sleep_task"; }
+inline void sleep_op::fire(void* self, loop_impl& l) {
   auto* op = static_cast<sleep_op*>(self);
   op->ctx_->pending = nullptr;
   l.enqueue(op->ctx_, op->waiter_);
 }
 
-CORO_JOBS_DECL bool fd_op::await_ready() const {
+inline bool fd_op::await_ready() const {
   require_job(ctx_);
   if (ctx_->cancelled) return true;
   if (fd_ < 0 || ::fcntl(fd_, F_GETFD) == -1)
     throw std::system_error(EBADF, std::generic_category(), "coro_jobs: wait on a bad fd");
   return false;
 }
-CORO_JOBS_DECL void fd_op::await_suspend(std::coroutine_handle<> h) {
+inline void fd_op::await_suspend(std::coroutine_handle<> h) {
   waiter_ = h;
   ctx_->loop->add_fd(this, fd_, events_);
   park();
 }
-CORO_JOBS_DECL short fd_op::await_resume() const {
+inline short fd_op::await_resume() const {
   if (ctx_->cancelled) throw job_cancelled{};
   if (revents_ & POLLNVAL)
     throw std::system_error(EBADF, std::generic_category(), "coro_jobs: fd closed while waited on");
   return revents_;
 }
-CORO_JOBS_DECL void fd_op::cancel_op() noexcept { ctx_->loop->remove_fd(this); }
-CORO_JOBS_DECL const char* fd_op::what() const noexcept {
+inline void fd_op::cancel_op() noexcept { ctx_->loop->remove_fd(this); }
+inline const char* fd_op::what() const noexcept {
   return events_ & POLLIN ? "wait_readable" : "wait_writable";
 }
-CORO_JOBS_DECL void fd_op::fd_ready(loop_impl& l, short ev) noexcept {
+inline void fd_op::fd_ready(loop_impl& l, short ev) noexcept {
   revents_ = ev;
   l.remove_fd(this);
   ctx_->pending = nullptr;
   l.enqueue(ctx_, waiter_);
 }
 
-CORO_JOBS_DECL group::group(const char* k, bool a) noexcept : kind(k), any(a) {}
-CORO_JOBS_DECL group::~group() {
+inline group::group(const char* k, bool a) noexcept : kind(k), any(a) {}
+inline group::~group() {
   if (ctx_ && ctx_->branches == this) ctx_->branches = nullptr;
   for (job_ctx* b : branches) b->release();
 }
-CORO_JOBS_DECL const char* group::what() const noexcept { return kind; }
+inline const char* group::what() const noexcept { return kind; }
 // Cancels the branches still running. One that never started never will: it counts as
 // ended now.
-CORO_JOBS_DECL void group::stop() noexcept {
+inline void group::stop() noexcept {
   stopping = true;
   for (job_ctx* b : branches) {
     if (b->done || b->cancelled) continue;
@@ -3253,21 +3220,21 @@ CORO_JOBS_DECL void group::stop() noexcept {
     if (unstarted) --left;
   }
 }
-CORO_JOBS_DECL void group::cancel_op() noexcept {  // the awaiting job was cancelled
+inline void group::cancel_op() noexcept {  // the awaiting job was cancelled
   suspended = false;
   stop();
 }
-CORO_JOBS_DECL void group::unwind_branches() noexcept {
+inline void group::unwind_branches() noexcept {
   for (job_ctx* b : branches) ctx_->loop->finish_now(b);
 }
-CORO_JOBS_DECL void group::wake() {
+inline void group::wake() {
   if (!suspended) return;
   suspended = false;
   ctx_->pending = nullptr;
   ctx_->loop->enqueue(ctx_, waiter_);
 }
 // A branch's last act (its body's end).
-CORO_JOBS_DECL void group::branch_done(std::size_t i, std::exception_ptr e) {
+inline void group::branch_done(std::size_t i, std::exception_ptr e) {
   --left;
   const bool cancel = e && is_cancellation(e);
   if (!stopping && (any || e)) {  // the answer: a winner, or the first failure
@@ -3280,7 +3247,7 @@ CORO_JOBS_DECL void group::branch_done(std::size_t i, std::exception_ptr e) {
   }
   if (left == 0) wake();
 }
-CORO_JOBS_DECL void group::rethrow() {
+inline void group::rethrow() {
   if (ctx_->cancelled) throw job_cancelled{};
   if (error) std::rethrow_exception(error);
 }
@@ -3293,15 +3260,15 @@ struct registry_t {
   std::mutex m;
   std::vector<std::pair<std::thread::id, event_loop*>> loops;
 };
-CORO_JOBS_DECL registry_t& registry() {
+inline registry_t& registry() {
   static registry_t* r = new registry_t;
   return *r;
 }
-CORO_JOBS_DECL event_loop*& running_loop() noexcept {
+inline event_loop*& running_loop() noexcept {
   thread_local event_loop* p = nullptr;
   return p;
 }
-CORO_JOBS_DECL event_loop& current_loop() {
+inline event_loop& current_loop() {
   if (event_loop* p = running_loop()) return *p;
   auto& r = registry();
   std::lock_guard<std::mutex> lock(r.m);
@@ -3316,7 +3283,7 @@ CORO_JOBS_DECL event_loop& current_loop() {
 // while we post. The release happens on the loop thread only: when the post runs, or when
 // the loop drops it unrun because it is being destroyed. If the loop is already gone,
 // nothing of the loop's can race any more, and the handle is released here.
-CORO_JOBS_DECL void drop_handle_elsewhere(job_ctx* s) noexcept {
+inline void drop_handle_elsewhere(job_ctx* s) noexcept {
   struct release_later {
     job_ctx* s;
     std::thread::id owner;  // copied: s may be freed by release()
@@ -3345,20 +3312,20 @@ CORO_JOBS_DECL void drop_handle_elsewhere(job_ctx* s) noexcept {
 
 }  // namespace detail
 
-CORO_JOBS_DECL callback_handle::callback_handle(const callback_handle& o) noexcept : n_(o.n_) {
+inline callback_handle::callback_handle(const callback_handle& o) noexcept : n_(o.n_) {
   if (n_) n_->ref();
 }
-CORO_JOBS_DECL callback_handle& callback_handle::operator=(const callback_handle& o) noexcept {
+inline callback_handle& callback_handle::operator=(const callback_handle& o) noexcept {
   if (o.n_) o.n_->ref();
   if (n_) n_->unref();
   n_ = o.n_;
   return *this;
 }
-CORO_JOBS_DECL callback_handle::~callback_handle() {
+inline callback_handle::~callback_handle() {
   if (n_) n_->unref();
 }
-CORO_JOBS_DECL bool callback_handle::active() const noexcept { return n_ && n_->loop && n_->active; }
-CORO_JOBS_DECL bool callback_handle::cancel() {
+inline bool callback_handle::active() const noexcept { return n_ && n_->loop && n_->active; }
+inline bool callback_handle::cancel() {
   if (!active()) return false;
   n_->loop->check_thread("coro_jobs: callback_handle::cancel called from a thread that does not own the loop");
   n_->active = false;
@@ -3372,17 +3339,17 @@ CORO_JOBS_DECL bool callback_handle::cancel() {
   return true;
 }
 
-CORO_JOBS_DECL event_loop::event_loop() : event_loop(loop_options{}) {}
-CORO_JOBS_DECL event_loop::event_loop(std::size_t worker_threads)
+inline event_loop::event_loop() : event_loop(loop_options{}) {}
+inline event_loop::event_loop(std::size_t worker_threads)
     : event_loop(loop_options{worker_threads, false}) {}
-CORO_JOBS_DECL event_loop::event_loop(const loop_options& o)
+inline event_loop::event_loop(const loop_options& o)
     : impl_(std::make_unique<detail::loop_impl>(this, o.worker_threads)) {
   impl_->manual = o.manual_clock;
   auto& r = detail::registry();
   std::lock_guard<std::mutex> lock(r.m);
   r.loops.emplace_back(std::this_thread::get_id(), this);
 }
-CORO_JOBS_DECL event_loop::~event_loop() {
+inline event_loop::~event_loop() {
   {
     auto& r = detail::registry();
     std::lock_guard<std::mutex> lock(r.m);
@@ -3397,7 +3364,7 @@ CORO_JOBS_DECL event_loop::~event_loop() {
   impl_.reset();
 }
 
-CORO_JOBS_DECL bool event_loop::run_once() {
+inline bool event_loop::run_once() {
   impl_->check_thread("coro_jobs: event_loop::run_once called from a thread that does not own the loop");
   event_loop* const outer = std::exchange(detail::running_loop(), this);
   struct restore {
@@ -3406,7 +3373,7 @@ CORO_JOBS_DECL bool event_loop::run_once() {
   } r{outer};
   return impl_->run_once();
 }
-CORO_JOBS_DECL void event_loop::run() {
+inline void event_loop::run() {
   impl_->check_thread("coro_jobs: event_loop::run called from a thread that does not own the loop");
   if (impl_->in_iteration) detail::fail_logic("coro_jobs: run() or run_once() called from inside the loop");
   auto& l = *impl_;
@@ -3419,13 +3386,13 @@ CORO_JOBS_DECL void event_loop::run() {
       break;
   }
 }
-CORO_JOBS_DECL void event_loop::quit() noexcept {
+inline void event_loop::quit() noexcept {
   // Held: the loop thread may destroy the loop as soon as it sees the flag.
   const std::shared_ptr<detail::inbox> box = impl_->box;
   box->quit.store(true);
   box->wake();
 }
-CORO_JOBS_DECL void event_loop::post(std::function<void()> fn) {
+inline void event_loop::post(std::function<void()> fn) {
   if (!fn) throw std::invalid_argument("coro_jobs: post of an empty function");
   const std::shared_ptr<detail::inbox> box = impl_->box;  // see quit()
   box->push([l = impl_.get(), f = std::move(fn)]() mutable {
@@ -3433,7 +3400,7 @@ CORO_JOBS_DECL void event_loop::post(std::function<void()> fn) {
     l->ready.push_back({&detail::loop_impl::run_posted, l});
   });
 }
-CORO_JOBS_DECL callback_handle event_loop::call_later_impl(detail::duration delay, std::function<void()> fn) {
+inline callback_handle event_loop::call_later_impl(detail::duration delay, std::function<void()> fn) {
   auto& l = *impl_;
   l.check_thread("coro_jobs: event_loop::call_later called from a thread that does not own the loop");
   if (!fn) throw std::invalid_argument("coro_jobs: call_later of an empty function");
@@ -3446,7 +3413,7 @@ CORO_JOBS_DECL callback_handle event_loop::call_later_impl(detail::duration dela
   n->ref();  // the heap's
   return h;
 }
-CORO_JOBS_DECL callback_handle event_loop::watch(int fd, short events, std::function<void(short)> fn) {
+inline callback_handle event_loop::watch(int fd, short events, std::function<void(short)> fn) {
   auto& l = *impl_;
   l.check_thread("coro_jobs: event_loop::watch called from a thread that does not own the loop");
   if (!fn) throw std::invalid_argument("coro_jobs: watch of an empty function");
@@ -3459,7 +3426,7 @@ CORO_JOBS_DECL callback_handle event_loop::watch(int fd, short events, std::func
   n->ref();  // the registration's
   return h;
 }
-CORO_JOBS_DECL loop_stats event_loop::stats() const {
+inline loop_stats event_loop::stats() const {
   const auto& l = *impl_;
   l.check_thread("coro_jobs: event_loop::stats called from a thread that does not own the loop");
   std::size_t jobs = 0;
@@ -3467,7 +3434,7 @@ CORO_JOBS_DECL loop_stats event_loop::stats() const {
   return {jobs, l.live_timers(), l.pfds.size() - 1, l.outstanding, l.ready.size(), l.iterations,
           l.polls};
 }
-CORO_JOBS_DECL std::vector<job_info> event_loop::jobs() const {
+inline std::vector<job_info> event_loop::jobs() const {
   const auto& l = *impl_;
   l.check_thread("coro_jobs: event_loop::jobs called from a thread that does not own the loop");
   const auto t = l.clock();
@@ -3489,8 +3456,8 @@ CORO_JOBS_DECL std::vector<job_info> event_loop::jobs() const {
   }
   return out;
 }
-CORO_JOBS_DECL std::chrono::steady_clock::time_point event_loop::now() const { return impl_->clock(); }
-CORO_JOBS_DECL void event_loop::advance_impl(detail::duration d) {
+inline std::chrono::steady_clock::time_point event_loop::now() const { return impl_->clock(); }
+inline void event_loop::advance_impl(detail::duration d) {
   auto& l = *impl_;
   l.check_thread("coro_jobs: event_loop::advance called from a thread that does not own the loop");
   if (!l.manual) detail::fail_logic("coro_jobs: advance() needs an event_loop made with a manual clock");
@@ -3522,25 +3489,25 @@ CORO_JOBS_DECL void event_loop::advance_impl(detail::duration d) {
   l.manual_now = std::max(l.manual_now, target);
   settle();
 }
-CORO_JOBS_DECL void event_loop::set_watchdog_impl(detail::duration threshold, watchdog_handler handler) {
+inline void event_loop::set_watchdog_impl(detail::duration threshold, watchdog_handler handler) {
   impl_->check_thread("coro_jobs: set_watchdog called from a thread that does not own the loop");
   impl_->watchdog = std::max(threshold, detail::duration::zero());
   impl_->on_slow = std::move(handler);
 }
-CORO_JOBS_DECL void event_loop::set_error_handler(error_handler handler) {
+inline void event_loop::set_error_handler(error_handler handler) {
   impl_->check_thread("coro_jobs: set_error_handler called from a thread that does not own the loop");
   impl_->on_error = std::move(handler);
 }
 
-CORO_JOBS_DECL detail::fd_op wait_readable(int fd) { return detail::fd_op(fd, POLLIN); }
-CORO_JOBS_DECL detail::fd_op wait_writable(int fd) { return detail::fd_op(fd, POLLOUT); }
+inline detail::fd_op wait_readable(int fd) { return detail::fd_op(fd, POLLIN); }
+inline detail::fd_op wait_writable(int fd) { return detail::fd_op(fd, POLLOUT); }
 
-CORO_JOBS_DECL job_scope::job_scope(event_loop& loop, restart policy)
+inline job_scope::job_scope(event_loop& loop, restart policy)
     : loop_(&detail::access::impl(loop)), policy_(policy), owner_(loop_->owner) {}
-CORO_JOBS_DECL void job_scope::check_thread(const char* what) const {
+inline void job_scope::check_thread(const char* what) const {
   if (std::this_thread::get_id() != owner_) detail::fail_logic(what);
 }
-CORO_JOBS_DECL job_scope::~job_scope() {
+inline job_scope::~job_scope() {
   if (std::this_thread::get_id() != owner_) {
     std::fputs("coro_jobs: job_scope destroyed on a thread that does not own the loop\n", stderr);
     std::terminate();
@@ -3551,13 +3518,13 @@ CORO_JOBS_DECL job_scope::~job_scope() {
   }
   for (detail::job_ctx* j : jobs_) j->release();
 }
-CORO_JOBS_DECL std::size_t job_scope::size() {
+inline std::size_t job_scope::size() {
   check_thread("coro_jobs: job_scope::size called from a thread that does not own the loop");
   std::size_t n = 0;
   for (detail::job_ctx* j : jobs_) n += !j->done;
   return n;
 }
-CORO_JOBS_DECL std::size_t job_scope::cancel_all() {
+inline std::size_t job_scope::cancel_all() {
   check_thread("coro_jobs: job_scope::cancel_all called from a thread that does not own the loop");
   // Newest first, as the loop's destructor does. A job started during this (by a catch
   // block) is not in the copy: it is cancelled by the next cancel_all or the destructor.
@@ -3574,7 +3541,6 @@ CORO_JOBS_DECL std::size_t job_scope::cancel_all() {
   for (detail::job_ctx* j : snapshot) j->release();
   return n;
 }
-#endif  // CORO_JOBS_BODIES
 
 }  // namespace coro_jobs
 

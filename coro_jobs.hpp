@@ -53,6 +53,8 @@
 //     and handles included, belongs to the thread that created the loop; calling a loop function
 //     from another thread throws std::logic_error. A thread function submitted in an
 //     iteration starts when that iteration's ready work has run.
+//   Signals: quit() is async-signal-safe (atomics and one write(2)): call it from a SIGINT
+//     handler. post() and task_return lock and allocate, so not from a signal handler.
 //   Errors: a job's exception goes to whoever co_awaits the job or its handle or calls
 //     result(). If nobody can any more (no handle left), the loop's error handler gets it,
 //     exactly once; so do exceptions from post/call_later/watch callbacks. The loop goes on.
@@ -248,7 +250,8 @@ class event_loop {
   /// One iteration; blocks if something is pending and nothing is ready. Returns whether
   /// anything is still pending.
   bool run_once();
-  /// Makes the current (or next) run() return after its current iteration. Any thread.
+  /// Makes the current (or next) run() return after its current iteration. Any thread, and
+  /// async-signal-safe: it takes no lock and allocates nothing.
   void quit() noexcept;
   /// Runs fn on the loop thread, in FIFO order with other posts. Any thread.
   void post(std::function<void()> fn);
@@ -1997,18 +2000,11 @@ namespace detail {
 
 // --- Cross-thread inbox -----------------------------------------------------------------
 
-// The one path into the loop from other threads. A writer pushes under the mutex and, in
-// the same critical section, wakes the loop unless a wakeup is already on its way
-// (`signalled`): with a condition variable if the loop is asleep on it (no fds watched: a
-// futex, as cheap as Asio's wakeup), else with one byte to a pipe that ppoll watches. The
-// loop resets `signalled` and takes the items under the same mutex, so no wakeup is lost
-// and no stale byte is left behind. Writers hold the inbox by shared_ptr, so it outlives
-// every writer even if the loop is gone.
 // Waits up to 50 us for done() before the caller blocks, yielding the CPU meanwhile. A
-// futex wakeup takes 5 to 25 us to get a thread running again on a VM, longer than a whole
-// round trip to a worker: the loop spins while a thread function runs (its result may be
-// microseconds away), and a worker spins after each function (the job it served may submit
-// the next one at once). Bench W3: 25 us per sequential round trip without, about 4 us with.
+// wakeup (futex or pipe) takes 5 to 25 us to get a thread running again on a VM, longer
+// than a whole round trip to a worker: the loop spins while a thread function runs (its
+// result may be microseconds away), and a worker spins after each function (the job it
+// served may submit the next one at once). Bench W3: 25 us per sequential round trip without, about 4 us with.
 // Never on one CPU, where the waiting thread would only delay the one it waits for.
 template <class Done>
 bool spin_until(Done done) {
@@ -2022,15 +2018,22 @@ bool spin_until(Done done) {
   return true;
 }
 
+// The one path into the loop from other threads (libuv's uv_async, in effect). A writer
+// queues its item under the mutex, then wakes the loop unless a wakeup is already on its way
+// (`signalled`): with one byte to a pipe that the loop's ppoll always watches, and only if
+// the loop is in (or about to enter) ppoll. The loop resets `signalled` before it takes the
+// items, so no wakeup is lost, and a burst of writers costs one write. Waking takes no lock
+// and allocates nothing (two atomics and write(2)), so quit() may be called from a signal
+// handler; queueing an item (post, task_return) takes the mutex and allocates, so it may
+// not. Writers hold the inbox by shared_ptr, so it outlives every writer even if the loop
+// is gone.
 struct inbox {
   std::mutex m;
-  std::condition_variable cv;
   std::vector<std::function<void()>> items;  // run on the loop thread; they only enqueue
-  bool closed = false;
-  bool sleeping = false;  // the loop waits on cv (guarded by m)
-  std::atomic<bool> piped{false};    // a byte is (or is about to be) in the pipe
-  std::atomic<bool> polling{false};  // the loop is in (or about to enter) ppoll
-  std::atomic<bool> signalled{false};
+  bool closed = false;                       // guarded by m
+  std::atomic<bool> signalled{false};  // a wakeup is on its way (or the loop is busy anyway)
+  std::atomic<bool> polling{false};    // the loop is in (or about to enter) ppoll
+  std::atomic<bool> piped{false};      // a byte is (or is about to be) in the pipe
   std::atomic<bool> quit{false};
   int rfd = -1, wfd = -1;
 
@@ -2041,14 +2044,11 @@ struct inbox {
 
   // Any thread:
   bool push(std::function<void()> fn);  // queues fn and wakes the loop; false once closed
-  void wake();                          // wakes the loop with nothing queued (quit())
-  int decide() noexcept;                // under m: how to wake the loop (see below)
-  void signal(int how) noexcept;        // after unlocking: wake it that way
+  void wake() noexcept;                 // async-signal-safe: no lock, no allocation
   // The loop thread:
-  void drain() noexcept;                                // empties the pipe
-  void take(std::vector<std::function<void()>>& out);   // the queued items, flag reset
-  void sleep(std::chrono::steady_clock::duration timeout, bool spin);  // wait without fds
-  void close();                                         // drops items; later pushes fail
+  void drain() noexcept;                               // empties the pipe
+  void take(std::vector<std::function<void()>>& out);  // the queued items, flag reset
+  void close();                                        // drops items; later pushes fail
 };
 
 inline inbox::inbox() {
@@ -2066,43 +2066,23 @@ inline inbox::~inbox() {
   ::close(wfd);
 }
 inline bool inbox::push(std::function<void()> fn) {
-  int how;
   {
     std::lock_guard<std::mutex> lock(m);
     if (closed) return false;
     items.push_back(std::move(fn));
-    how = decide();
   }
-  signal(how);
+  wake();
   return true;
 }
-inline void inbox::wake() {
-  int how;
-  {
-    std::lock_guard<std::mutex> lock(m);
-    how = decide();
-  }
-  signal(how);
-}
-// Under m: 0 nothing to do, 1 notify the sleeping loop, 2 write the pipe. The signal
-// itself is sent after unlocking, so the woken loop does not block on our mutex. A busy
-// loop needs neither: it reads `signalled` before it blocks. With loop_impl::wait this is
-// Dekker's handshake (all seq_cst): either the loop sees our flag and does not block, or
-// we see its `polling` and our byte wakes its ppoll.
-inline int inbox::decide() noexcept {
-  if (signalled.exchange(true)) return 0;
-  if (sleeping) return 1;
-  if (!polling.load()) return 0;
+// With loop_impl::wait this is Dekker's handshake (all seq_cst): either the loop sees our
+// flag and does not block, or we see its `polling` and our byte wakes its ppoll. A busy
+// loop needs no byte: it reads `signalled` before it blocks.
+inline void inbox::wake() noexcept {
+  if (signalled.exchange(true)) return;
+  if (!polling.load()) return;
   piped.store(true, std::memory_order_relaxed);
-  return 2;
-}
-inline void inbox::signal(int how) noexcept {
-  if (how == 1) {
-    cv.notify_one();
-  } else if (how == 2) {
-    const char c = 1;
-    [[maybe_unused]] auto n = ::write(wfd, &c, 1);  // a full pipe: a wakeup is pending anyway
-  }
+  const char c = 1;
+  [[maybe_unused]] auto n = ::write(wfd, &c, 1);  // a full pipe: a wakeup is pending anyway
 }
 // Empties the pipe, before `signalled` is reset: a writer that sets the flag after the
 // reset writes a fresh byte, so ppoll cannot miss it. (One that set it before the reset
@@ -2118,21 +2098,6 @@ inline void inbox::take(std::vector<std::function<void()>>& out) {
   signalled.store(false, std::memory_order_release);
   std::lock_guard<std::mutex> lock(m);
   out.swap(items);
-}
-// The loop's blocking wait when it watches no fd (timeout < 0: no limit).
-// spin: a worker is running a function, so a completion may be microseconds away.
-inline void inbox::sleep(std::chrono::steady_clock::duration timeout, bool spin) {
-  if (spin) spin_until([this] { return signalled.load(std::memory_order_acquire); });
-  if (signalled.load(std::memory_order_acquire)) return;  // skip the mutex when busy
-  std::unique_lock<std::mutex> lock(m);
-  if (signalled.load(std::memory_order_relaxed)) return;
-  sleeping = true;
-  auto woken = [this] { return signalled.load(std::memory_order_relaxed); };
-  if (timeout < timeout.zero())
-    cv.wait(lock, woken);
-  else
-    cv.wait_for(lock, std::min<std::chrono::steady_clock::duration>(timeout, std::chrono::hours(24)), woken);
-  sleeping = false;
 }
 inline void inbox::close() {
   std::vector<std::function<void()>> dropped;
@@ -2581,7 +2546,7 @@ inline bool loop_impl::pending() const noexcept {
 
 // One iteration, asyncio's _run_once in four steps:
 //   1. wait: not at all if work is ready, else until the nearest timer, else until an fd or
-//      the inbox wakes us (ppoll; a futex when no fd is watched); nothing pending: return false.
+//      the inbox's pipe wakes us (ppoll); nothing pending: return false.
 //   2. collect: cross-thread completions, fd events and due timers only enqueue work;
 //   3. run the ready snapshot: only what was ready when this step began, so a job that
 //      keeps yielding cannot starve timers or fds (its next turn is the next iteration);
@@ -2726,12 +2691,11 @@ inline const char* loop_impl::who(const ready_item& it, std::string& name) const
 inline void loop_impl::wait(duration timeout) {
   if (timeout == duration::zero() && pfds.size() == 1) return;
   ++polls;
-  if (pfds.size() == 1) {  // only the inbox to wait for: a futex, not a pipe and ppoll
-    pfds[0].revents = 0;
-    box->sleep(timeout, threads_out > 0);
+  // A thread function is running: its result may be microseconds away (see spin_until).
+  if (threads_out > 0 && timeout != duration::zero() &&
+      spin_until([this] { return box->signalled.load(std::memory_order_acquire); }))
     return;
-  }
-  // Writers write the pipe only while we poll (see inbox::decide): announce it, then look.
+  // Writers write the pipe only while we poll (see inbox::wake): announce it, then look.
   box->polling.store(true);
   struct not_polling {
     inbox& b;

@@ -17,6 +17,7 @@
 #include <condition_variable>
 #include <functional>
 #include <mutex>
+#include <csignal>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -912,6 +913,47 @@ TEST_CASE("a thread function submitted before the error handler throws starts wi
   while (!started && steady_clock::now() < stop) std::this_thread::yield();
   CHECK(started);
   drain(loop);
+}
+
+// quit() from a signal handler: the handler interrupts a thread that is posting, so it may
+// land while that thread holds the inbox's lock. quit() must not take it (it used to, and
+// deadlocked). If it hangs, the poster is abandoned and the loop leaked: the test has failed.
+std::atomic<event_loop*> quit_from_signal{nullptr};
+std::atomic<int> quit_signals{0};
+extern "C" void quit_on_signal(int) {
+  quit_from_signal.load()->quit();
+  quit_signals.fetch_add(1, std::memory_order_relaxed);
+}
+
+TEST_CASE("quit() is async-signal-safe: a handler may call it while its thread is posting") {
+  auto* loop = new event_loop;
+  quit_from_signal = loop;
+  quit_signals = 0;
+  struct sigaction sa {}, old {};
+  sa.sa_handler = quit_on_signal;
+  sigemptyset(&sa.sa_mask);
+  sa.sa_flags = SA_RESTART;
+  REQUIRE(sigaction(SIGUSR2, &sa, &old) == 0);
+  std::atomic<bool> done{false};
+  std::thread poster([&] {
+    for (int i = 0; i < 200000; ++i) loop->post([] {});
+    done = true;
+  });
+  const auto stop = steady_clock::now() + 20s;
+  while (!done && steady_clock::now() < stop) pthread_kill(poster.native_handle(), SIGUSR2);
+  CHECK(done);
+  if (!done) {  // deadlocked in the handler: nothing can be cleaned up
+    poster.detach();
+    sigaction(SIGUSR2, &old, nullptr);
+    return;
+  }
+  poster.join();
+  sigaction(SIGUSR2, &old, nullptr);
+  CHECK(quit_signals > 0);
+  while (loop->run_once()) {
+  }
+  CHECK(loop->stats().ready == 0);
+  delete loop;
 }
 
 TEST_CASE("threaded_task moves move-only arguments and results across threads") {

@@ -85,6 +85,31 @@ void drain(event_loop& loop, std::chrono::milliseconds limit = 10s) {
   CHECK(idle);
 }
 
+// Unblocks a wait that must not happen: if `done` is not set within 10 s, calls `rescue`, so
+// that a regression fails the test instead of hanging it.
+struct rescuer {
+  std::mutex m;
+  std::condition_variable cv;
+  bool done = false;
+  std::atomic<bool> fired{false};
+  std::thread t;
+  template <class F> explicit rescuer(F rescue) : t([this, rescue] {
+    std::unique_lock<std::mutex> lock(m);
+    if (!cv.wait_for(lock, 10s, [this] { return done; })) {
+      fired = true;
+      rescue();
+    }
+  }) {}
+  ~rescuer() {
+    {
+      std::lock_guard<std::mutex> lock(m);
+      done = true;
+    }
+    cv.notify_one();
+    t.join();
+  }
+};
+
 // Counts live instances: every frame that holds one must be destroyed by the end.
 struct live {
   static inline int count = 0;
@@ -1698,20 +1723,34 @@ TEST_CASE("with_timeout cancels the work and throws timeout_error when time runs
 }
 
 TEST_CASE("with_timeout stops a threaded task through its stop token") {
-  event_loop loop;
-  std::atomic<bool> stopped{false};
+  // A manual clock, so that the timeout fires only once the function runs: with a real
+  // 1 ms timeout a slow worker start let it fire first, and the function was withdrawn
+  // from the queue unrun (the test then waited for it in vain).
+  event_loop loop(manual());
+  std::atomic<bool> started{false}, stopped{false}, release{false};
   bool timed_out = false;
   start_job(loop, [&]() -> job<> {
     try {
       co_await with_timeout(1ms, threaded_task([&](std::stop_token st) {
-                              while (!st.stop_requested()) std::this_thread::yield();
-                              stopped = true;
+                              started = true;
+                              while (!st.stop_requested() && !release) std::this_thread::yield();
+                              stopped = st.stop_requested();
                             }));
     } catch (const timeout_error&) {
       timed_out = true;
     }
   });
-  CHECK(run_until(loop, [&] { return timed_out && stopped; }));
+  rescuer r([&] { release = true; });
+  // The job, with_timeout's and when_any's branches start: then the function is submitted.
+  for (int i = 0; i < 10 && loop.stats().ready > 0; ++i) loop.run_once();
+  const auto stop = steady_clock::now() + 10s;
+  while (!started && steady_clock::now() < stop) std::this_thread::yield();
+  REQUIRE(started);
+  loop.advance(1ms);
+  drain(loop);
+  CHECK(timed_out);
+  CHECK(stopped);
+  CHECK_FALSE(r.fired.load());
 }
 
 TEST_CASE("a cancel of the job waiting in with_timeout stays job_cancelled") {
@@ -2087,30 +2126,6 @@ TEST_CASE("advance() moves the clock even while a job keeps yielding until a tim
   CHECK(h.done());
 }
 
-// Unblocks a wait that must not happen: if `done` is not set within 10 s, calls `rescue`, so
-// that a regression fails the test instead of hanging it.
-struct rescuer {
-  std::mutex m;
-  std::condition_variable cv;
-  bool done = false;
-  std::atomic<bool> fired{false};
-  std::thread t;
-  template <class F> explicit rescuer(F rescue) : t([this, rescue] {
-    std::unique_lock<std::mutex> lock(m);
-    if (!cv.wait_for(lock, 10s, [this] { return done; })) {
-      fired = true;
-      rescue();
-    }
-  }) {}
-  ~rescuer() {
-    {
-      std::lock_guard<std::mutex> lock(m);
-      done = true;
-    }
-    cv.notify_one();
-    t.join();
-  }
-};
 
 TEST_CASE("advance() runs a due timeout without blocking in poll while an fd is watched") {
   event_loop loop(manual());

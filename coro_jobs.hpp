@@ -87,6 +87,9 @@
 //     (wrong thread, run() inside run()) throws std::logic_error; a bad fd throws
 //     std::system_error(EBADF); durations saturate (negative = next iteration, huge = never);
 //     out of memory, start_job throws std::bad_alloc and leaves no job behind.
+//   Fds: any number of waits and watches may share an fd. The loop polls each fd once, for
+//     the union of their events, and wakes each one whose events poll reports (POLLERR,
+//     POLLHUP and POLLNVAL: all of them); stats().fd_waits counts the waits and watches.
 //
 
 #ifndef CORO_JOBS_HPP
@@ -628,8 +631,19 @@ struct pool_task {
 
 // --- Timers, watches ----------------------------------------------------------------------
 
+// One wait (fd_op) or watch (callback_node) on an fd. The loop polls each fd through one
+// pollfd entry however many owners it has (ppoll fails with EINVAL given more entries than
+// RLIMIT_NOFILE): the owners of an fd form a list through these links, oldest first.
 struct fd_owner {
-  std::size_t fd_index = 0;  // position in loop_impl::pfds while registered, else 0
+  fd_owner(int f, short ev) noexcept : fd(f), events(ev) {}
+  int fd;
+  short events;             // what this owner waits for
+  bool one_shot = false;    // dropped when it fires (a job's wait), else only on POLLNVAL
+  bool registered = false;  // in its fd's list
+  fd_owner *prev = nullptr, *next = nullptr;
+  // Poll reported `revents` (this owner's events, and POLLERR/POLLHUP/POLLNVAL) and, if it
+  // is one-shot or the fd is invalid, the loop has already dropped it. It only queues work:
+  // it runs no user code and never touches the fd table (see loop_impl::dispatch_fd).
   virtual void fd_ready(loop_impl& loop, short revents) noexcept = 0;
 
  protected:
@@ -1224,7 +1238,7 @@ inline sleep_op sleep_for::operator co_await() const noexcept { return {d, nullp
 
 class [[nodiscard]] fd_op final : public op_base, public fd_owner {
  public:
-  fd_op(int fd, short events) noexcept : fd_(fd), events_(events) {}
+  fd_op(int fd, short events) noexcept : fd_owner(fd, events) { one_shot = true; }
   bool await_ready() const;
   void await_suspend(std::coroutine_handle<> h);
   short await_resume() const;
@@ -1233,8 +1247,7 @@ class [[nodiscard]] fd_op final : public op_base, public fd_owner {
   void fd_ready(loop_impl& l, short ev) noexcept override;
 
  private:
-  int fd_;
-  short events_, revents_ = 0;
+  short revents_ = 0;
 };
 
 // A value or an exception, written by one thread and read by the loop thread after the
@@ -2258,8 +2271,14 @@ struct loop_impl {
   std::vector<timer_entry> timers;  // a 4-ary min-heap on (deadline, seq)
   std::uint64_t next_seq = 0;
 
-  std::vector<pollfd> pfds;         // [0] is the inbox pipe
-  std::vector<fd_owner*> fd_owners;  // parallel to pfds
+  // ---- fds: one pollfd entry per fd, whatever the number of waits and watches on it
+  std::vector<pollfd> pfds;  // [0] is the inbox pipe; [i].events: the OR of i's owners' events
+  struct fd_list {
+    fd_owner *first = nullptr, *last = nullptr;
+  };
+  std::vector<fd_list> fd_lists;          // parallel to pfds: the owners of each entry
+  std::vector<std::size_t> fd_entry;      // by fd number: its index in pfds, 0 if none
+  std::size_t fd_registrations = 0;       // owners, for stats().fd_waits
 
   std::shared_ptr<inbox> box = std::make_shared<inbox>();
   std::vector<std::function<void()>> remote;  // the batch taken from the inbox
@@ -2328,9 +2347,12 @@ struct loop_impl {
   void sift_down(std::size_t i) noexcept;
   static void drop_timer(const timer_entry& e) noexcept;
 
-  // ---- fds: pfds[i] is watched for fd_owners[i]
-  void add_fd(fd_owner* o, int fd, short events);
-  void remove_fd(fd_owner* o) noexcept;
+  // ---- fds
+  void add_fd(fd_owner* o);              // on o->fd, for o->events
+  void remove_fd(fd_owner* o) noexcept;  // O(owners of its fd); none if not registered
+  void unlink_fd(std::size_t i, fd_owner* o) noexcept;  // out of entry i's list only
+  void update_fd(std::size_t i) noexcept;  // entry i's events again, or the entry dropped
+  void dispatch_fd(std::size_t i, short revents) noexcept;  // poll's revents for entry i
 
   // ---- errors
   static void run_report(void* self);  // a ready item: hands the oldest error to the handler
@@ -2377,7 +2399,7 @@ inline loop_impl::loop_impl(event_loop* s, std::size_t workers) : self(s) {
   ::prctl(PR_SET_TIMERSLACK, 1UL, 0UL, 0UL, 0UL);
 #endif
   pfds.push_back({box->rfd, POLLIN, 0});
-  fd_owners.push_back(nullptr);
+  fd_lists.emplace_back();
 }
 inline time_point loop_impl::clock() const noexcept {
   return manual ? manual_now : clock_type::now();
@@ -2465,20 +2487,91 @@ inline void loop_impl::drop_timer(const timer_entry& e) noexcept {
   if (e.fire == &callback_node::fire_timer) static_cast<callback_node*>(e.owner)->unref();
 }
 // ---- fds
-inline void loop_impl::add_fd(fd_owner* o, int fd, short events) {
-  pfds.push_back({fd, events, 0});
-  fd_owners.push_back(o);
-  o->fd_index = pfds.size() - 1;
+// The table by fd number is a vector: fds are small (the lowest free one is handed out, and
+// all are below RLIMIT_NOFILE), and a wait costs no hashing.
+inline void loop_impl::add_fd(fd_owner* o) {
+  const auto fd = std::size_t(o->fd);  // checked by the caller: open, so not negative
+  if (fd >= fd_entry.size()) fd_entry.resize(fd + 1, 0);
+  std::size_t i = fd_entry[fd];
+  if (i == 0) {  // the fd's first owner: a new entry
+    pfds.push_back({o->fd, 0, 0});
+    try {
+      fd_lists.emplace_back();
+    } catch (...) {
+      pfds.pop_back();
+      throw;
+    }
+    i = pfds.size() - 1;
+    fd_entry[fd] = i;
+  }
+  fd_list& l = fd_lists[i];
+  o->prev = l.last;
+  o->next = nullptr;
+  (l.last ? l.last->next : l.first) = o;
+  l.last = o;
+  o->registered = true;
+  ++fd_registrations;
+  pfds[i].events = short(pfds[i].events | o->events);
 }
 inline void loop_impl::remove_fd(fd_owner* o) noexcept {
-  const std::size_t i = o->fd_index, last = pfds.size() - 1;
-  if (i == 0) return;
-  pfds[i] = pfds[last];
-  fd_owners[i] = fd_owners[last];
-  fd_owners[i]->fd_index = i;
+  if (!o->registered) return;
+  const std::size_t i = fd_entry[std::size_t(o->fd)];
+  unlink_fd(i, o);
+  update_fd(i);
+}
+inline void loop_impl::unlink_fd(std::size_t i, fd_owner* o) noexcept {
+  fd_list& l = fd_lists[i];
+  (o->prev ? o->prev->next : l.first) = o->next;
+  (o->next ? o->next->prev : l.last) = o->prev;
+  o->prev = o->next = nullptr;
+  o->registered = false;
+  --fd_registrations;
+}
+// Without its events, a cancelled wait_writable would leave POLLOUT in the entry, and a
+// writable fd would wake every poll at once for the other owners' sake.
+inline void loop_impl::update_fd(std::size_t i) noexcept {
+  if (fd_lists[i].first) {
+    short events = 0;
+    for (const fd_owner* o = fd_lists[i].first; o; o = o->next) events = short(events | o->events);
+    pfds[i].events = events;
+    return;
+  }
+  // No owner left: the last entry moves into its place (with its revents, if not yet handed out).
+  fd_entry[std::size_t(pfds[i].fd)] = 0;
+  const std::size_t last = pfds.size() - 1;
+  if (i != last) {
+    pfds[i] = pfds[last];
+    fd_lists[i] = fd_lists[last];
+    fd_entry[std::size_t(pfds[i].fd)] = i;
+  }
   pfds.pop_back();
-  fd_owners.pop_back();
-  o->fd_index = 0;
+  fd_lists.pop_back();
+}
+// Hands entry i's revents to each owner whose events they include; POLLERR, POLLHUP and
+// POLLNVAL (which poll reports unasked) go to every owner. A one-shot owner, and every owner
+// on POLLNVAL, is unlinked before its fd_ready runs.
+// Changes to the list while this walks it: fd_ready runs no user code (it only queues a job
+// or a watch callback, which run in the ready step, after every fd is dispatched), so only
+// this walk unlinks, and only the owner at hand: reading `next` first is enough. A resumed
+// job or a watch callback that then cancels another owner of the fd, or waits on it again,
+// does so after the walk, through remove_fd/add_fd; a cancelled owner woken by this poll
+// does not run (its job resumes with job_cancelled, its watch callback is skipped).
+// The events are recomputed once at the end, not per removal: 300 waits on one fd firing
+// together cost O(300), not O(300^2).
+inline void loop_impl::dispatch_fd(std::size_t i, short revents) noexcept {
+  constexpr short always = POLLERR | POLLHUP | POLLNVAL;
+  bool dropped = false;
+  for (fd_owner *o = fd_lists[i].first, *next; o; o = next) {
+    next = o->next;
+    const short mine = short(revents & (o->events | always));
+    if (!mine) continue;
+    if (o->one_shot || (mine & POLLNVAL)) {
+      unlink_fd(i, o);
+      dropped = true;
+    }
+    o->fd_ready(*this, mine);
+  }
+  if (dropped) update_fd(i);
 }
 inline void loop_impl::report(std::string name, std::exception_ptr e) {
   errors.emplace_back(std::move(name), std::move(e));
@@ -2574,13 +2667,11 @@ inline bool loop_impl::run_once() {
     box->drain();  // a stale byte (see inbox::drain): left there, every poll would return at once
   }
   if (pfds.size() > 1) {
-    // Backwards, because a fired one-shot wait swaps the last entry into its place.
+    // Backwards, because an entry whose last owner fired swaps the last entry (already
+    // handled) into its place.
     for (std::size_t i = pfds.size() - 1; i > 0; --i) {
-      if (i < pfds.size() && pfds[i].revents) {
-        const short ev = pfds[i].revents;
-        pfds[i].revents = 0;
-        fd_owners[i]->fd_ready(*this, ev);
-      }
+      if (i < pfds.size() && pfds[i].revents)
+        dispatch_fd(i, std::exchange(pfds[i].revents, short(0)));
     }
   }
   collect_due_timers();
@@ -2775,8 +2866,16 @@ inline void loop_impl::shut_down() {
   });
   pool->release_workers(!still_running && !detach_workers);
   for (const timer_entry& e : timers) drop_timer(e);
-  for (std::size_t i = 1; i < fd_owners.size(); ++i)  // job waits are gone: only watches
-    static_cast<callback_node*>(fd_owners[i])->unref();
+  for (std::size_t i = 1; i < fd_lists.size(); ++i)  // job waits are gone: only watches
+    for (fd_owner *o = fd_lists[i].first, *next; o; o = next) {
+      next = o->next;  // before the unref, which may free o
+      o->registered = false;
+      static_cast<callback_node*>(o)->unref();
+    }
+  pfds.resize(1);
+  fd_lists.resize(1);
+  fd_entry.clear();
+  fd_registrations = 0;
   for (auto* q : {&ready, &running})
     for (const ready_item& it : *q)
       if (it.run == &callback_node::run_timer || it.run == &callback_node::run_watch)
@@ -2812,8 +2911,7 @@ inline void callback_node::fd_ready(loop_impl& l, short ev) noexcept {
   revents = ev;
   ref();  // the ready item's
   l.ready.push_back({&run_watch, this});
-  if (ev & POLLNVAL) {  // a closed fd: report it once, then drop it, or poll would spin
-    l.remove_fd(this);
+  if (ev & POLLNVAL) {  // a closed fd: reported once; the loop has dropped it, or poll would spin
     active = false;
     unref();  // the registration's
   }
@@ -2845,7 +2943,7 @@ inline void callback_node::run_timer(void* self) {
   n->unref();
 }
 
-inline callback_node::callback_node(loop_impl& l) noexcept : loop(&l) {
+inline callback_node::callback_node(loop_impl& l) noexcept : fd_owner(-1, 0), loop(&l) {
   next_node = l.nodes;
   if (l.nodes) l.nodes->prev_node = this;
   l.nodes = this;
@@ -3120,13 +3218,13 @@ inline void sleep_op::fire(timer_owner* self, loop_impl& l) {
 inline bool fd_op::await_ready() const {
   require_job(ctx_);
   if (ctx_->cancelled) return true;
-  if (fd_ < 0 || ::fcntl(fd_, F_GETFD) == -1)
+  if (fd < 0 || ::fcntl(fd, F_GETFD) == -1)
     throw std::system_error(EBADF, std::generic_category(), "coro_jobs: wait on a bad fd");
   return false;
 }
 inline void fd_op::await_suspend(std::coroutine_handle<> h) {
   waiter_ = h;
-  ctx_->loop->add_fd(this, fd_, events_);
+  ctx_->loop->add_fd(this);
   park();
 }
 inline short fd_op::await_resume() const {
@@ -3137,11 +3235,10 @@ inline short fd_op::await_resume() const {
 }
 inline void fd_op::cancel_op() noexcept { ctx_->loop->remove_fd(this); }
 inline const char* fd_op::what() const noexcept {
-  return events_ & POLLIN ? "wait_readable" : "wait_writable";
+  return events & POLLIN ? "wait_readable" : "wait_writable";
 }
 inline void fd_op::fd_ready(loop_impl& l, short ev) noexcept {
-  revents_ = ev;
-  l.remove_fd(this);
+  revents_ = ev;  // one-shot: the loop has dropped the wait
   ctx_->pending = nullptr;
   l.enqueue(ctx_, waiter_);
 }
@@ -3367,7 +3464,9 @@ inline callback_handle event_loop::watch(int fd, short events, std::function<voi
   auto* n = new detail::callback_node(l);
   auto h = detail::access::make_handle(n);
   n->on_fd = std::move(fn);
-  l.add_fd(n, fd, events);
+  n->fd = fd;
+  n->events = events;
+  l.add_fd(n);
   n->ref();  // the registration's
   return h;
 }
@@ -3376,7 +3475,7 @@ inline loop_stats event_loop::stats() const {
   l.check_thread("coro_jobs: event_loop::stats called from a thread that does not own the loop");
   std::size_t jobs = 0;
   for (const detail::job_ctx* j = l.jobs; j; j = j->next) jobs += !j->done;
-  return {jobs, l.timers.size(), l.pfds.size() - 1, l.outstanding, l.ready.size(), l.iterations,
+  return {jobs, l.timers.size(), l.fd_registrations, l.outstanding, l.ready.size(), l.iterations,
           l.polls};
 }
 inline std::vector<job_info> event_loop::jobs() const {

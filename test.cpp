@@ -9,6 +9,7 @@
 #include <pthread.h>
 #include <sched.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -1141,6 +1142,188 @@ TEST_CASE("an fd closed while waited on fails the wait with EBADF and does not m
   while (loop.run_once() && iterations < 1000) ++iterations;
   CHECK(code == EBADF);
   CHECK(iterations < 10);
+}
+
+// Lowers the soft RLIMIT_NOFILE (the hard limit stays) for one test, and restores it. ppoll
+// fails with EINVAL when it is given more entries than this limit. Make the fds a test needs
+// before lowering it.
+struct file_limit {
+  rlimit old{};
+  explicit file_limit(rlim_t soft) {
+    REQUIRE(::getrlimit(RLIMIT_NOFILE, &old) == 0);
+    rlimit lower = old;
+    lower.rlim_cur = std::min(soft, old.rlim_cur);
+    REQUIRE(::setrlimit(RLIMIT_NOFILE, &lower) == 0);
+  }
+  ~file_limit() { ::setrlimit(RLIMIT_NOFILE, &old); }
+  file_limit(const file_limit&) = delete;
+  file_limit& operator=(const file_limit&) = delete;
+};
+
+struct socket_pair {
+  int fd[2] = {-1, -1};
+  socket_pair() { REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM, 0, fd) == 0); }
+  ~socket_pair() {
+    ::close(fd[0]);
+    ::close(fd[1]);
+  }
+};
+
+TEST_CASE("300 jobs waiting on one pipe all resume under a file limit of 256") {
+  event_loop loop;
+  pipe_fds p;
+  const file_limit limit(256);
+  constexpr int n = 300;
+  int resumed = 0;
+  for (int i = 0; i < n; ++i)
+    start_job(loop, [&]() -> job<> {
+      co_await wait_readable(p.r);
+      ++resumed;
+    });
+  loop.run_once();  // every job waits now
+  CHECK(loop.stats().fd_waits == std::size_t(n));  // one per wait, though they share an entry
+  REQUIRE(::write(p.w, "x", 1) == 1);
+  bool all = false;
+  CHECK_NOTHROW(all = run_until(loop, [&] { return resumed == n; }));
+  CHECK(all);
+  CHECK(resumed == n);
+  CHECK(loop.stats().fd_waits == 0);
+}
+
+TEST_CASE("watches and waits on one fd all fire; cancelled ones drop their events from its entry") {
+  event_loop loop;
+  socket_pair s;
+  const int fd = s.fd[0];  // always writable; readable once the other end writes
+  const file_limit limit(256);
+  constexpr int n = 150;  // watches, and as many readers: 300 on one fd
+  std::vector<int> watch_calls(n, 0);
+  std::vector<callback_handle> watches;
+  for (int i = 0; i < n; ++i)
+    watches.push_back(loop.watch(fd, POLLIN, [&watch_calls, i](short) { ++watch_calls[std::size_t(i)]; }));
+  int readers_resumed = 0, writers_resumed = 0, writers_cancelled = 0;
+  for (int i = 0; i < n; ++i)
+    start_job(loop, [&]() -> job<> {
+      const short ev = co_await wait_readable(fd);
+      readers_resumed += (ev & POLLIN) != 0;
+    });
+  std::vector<job_handle<>> writers;
+  for (int i = 0; i < 50; ++i)
+    writers.push_back(start_job(loop, [&]() -> job<> {
+      try {
+        co_await wait_writable(fd);
+        ++writers_resumed;
+      } catch (const job_cancelled&) {
+        ++writers_cancelled;
+        throw;
+      }
+    }));
+  loop.run_once();  // every job waits now: the fd is writable, but no poll has seen it yet
+  CHECK(loop.stats().fd_waits == std::size_t(2 * n + 50));
+  for (auto& w : writers) CHECK(w.cancel());
+  CHECK(loop.stats().fd_waits == std::size_t(2 * n));
+  bool unwound = false;
+  CHECK_NOTHROW(unwound = run_until(loop, [&] { return writers_cancelled == 50; }));
+  CHECK(unwound);
+  CHECK(writers_resumed == 0);
+
+  // Only POLLIN is left on the fd, and nothing is readable: the loop sleeps until a timer.
+  // (A POLLOUT left behind would wake every poll at once, since the fd is writable.)
+  bool fired = false;
+  loop.call_later(20ms, [&] { fired = true; });
+  const auto before = loop.stats().iterations;
+  CHECK_NOTHROW(run_until(loop, [&] { return fired; }));
+  CHECK(fired);
+  CHECK(loop.stats().iterations - before <= 3);
+  CHECK(readers_resumed == 0);
+  CHECK(std::count(watch_calls.begin(), watch_calls.end(), 0) == n);
+
+  for (int i = 0; i < n; i += 2) CHECK(watches[std::size_t(i)].cancel());  // every other one
+  CHECK(loop.stats().fd_waits == std::size_t(n + n / 2));
+  REQUIRE(::write(s.fd[1], "x", 1) == 1);  // never read: the watches fire every iteration
+  auto live_watches_called = [&] {
+    for (int i = 1; i < n; i += 2)
+      if (watch_calls[std::size_t(i)] == 0) return false;
+    return true;
+  };
+  bool all = false;
+  CHECK_NOTHROW(all = run_until(loop, [&] { return readers_resumed == n && live_watches_called(); }));
+  CHECK(all);
+  for (int i = 0; i < n; i += 2) CHECK(watch_calls[std::size_t(i)] == 0);
+  CHECK(writers_resumed == 0);
+  CHECK(loop.stats().fd_waits == std::size_t(n / 2));
+  for (auto& w : watches) w.cancel();
+  REQUIRE(loop.stats().fd_waits == 0);  // else drain() would block on what is left
+  drain(loop);  // nothing left on the fd: the loop ends
+}
+
+TEST_CASE("a woken fd wait that cancels other waits on its fd and waits on it again is safe") {
+  // 100 trios on one pipe: a and b wait to read, c to write (a pipe's read end never is).
+  // Whichever of a and b runs first cancels the other (woken by the same poll, not yet
+  // resumed) and c (still waiting), drops their handles (so their frames are freed as they
+  // end), then waits on the fd again. No cancelled one gets past its co_await, and ASan
+  // checks that no freed wait is left in the fd's entry.
+  event_loop loop;
+  pipe_fds p;
+  const file_limit limit(256);
+  constexpr int n = 100;
+  std::vector<job_handle<>> a(n), b(n), c(n);
+  int first = 0, again = 0, past_await = 0, cancelled = 0;
+  auto reader = [&](int i, bool is_a) -> job<> {
+    try {
+      co_await wait_readable(p.r);
+      ++past_await;
+      ++first;
+      job_handle<>& other = (is_a ? b : a)[std::size_t(i)];
+      CHECK(other.cancel());
+      CHECK(c[std::size_t(i)].cancel());
+      other = {};
+      c[std::size_t(i)] = {};
+      co_await wait_readable(p.r);
+      ++again;
+    } catch (const job_cancelled&) {
+      ++cancelled;
+      throw;
+    }
+  };
+  for (int i = 0; i < n; ++i) {
+    a[std::size_t(i)] = start_job(loop, [&reader, i] { return reader(i, true); });
+    b[std::size_t(i)] = start_job(loop, [&reader, i] { return reader(i, false); });
+    c[std::size_t(i)] = start_job(loop, [&]() -> job<> {
+      try {
+        co_await wait_writable(p.r);
+        ++past_await;
+      } catch (const job_cancelled&) {
+        ++cancelled;
+        throw;
+      }
+    });
+  }
+  loop.run_once();
+  CHECK(loop.stats().fd_waits == std::size_t(3 * n));
+  REQUIRE(::write(p.w, "x", 1) == 1);  // never read: the second waits fire too
+  bool all = false;
+  CHECK_NOTHROW(all = run_until(loop, [&] { return again == n && cancelled == 2 * n; }));
+  CHECK(all);
+  CHECK(first == n);
+  CHECK(past_await == n);  // only the winners: no cancelled wait resumed normally
+  CHECK(cancelled == 2 * n);
+  int winners_done = 0;
+  for (int i = 0; i < n; ++i) {
+    const std::size_t k = std::size_t(i);
+    winners_done += (a[k] ? a[k] : b[k]).done();
+  }
+  CHECK(winners_done == n);
+  // One more wait on the fd (still readable): its dispatch walks the fd's list, where a
+  // cancelled wait left behind would be freed memory (ASan).
+  bool last = false;
+  start_job(loop, [&]() -> job<> {
+    co_await wait_readable(p.r);
+    last = true;
+  });
+  CHECK_NOTHROW(run_until(loop, [&] { return last; }));
+  CHECK(last);
+  REQUIRE(loop.stats().fd_waits == 0);  // else drain() would block on what is left
+  drain(loop);
 }
 }  // TEST_SUITE
 

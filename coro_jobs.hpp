@@ -132,6 +132,7 @@
 #ifdef __linux__
 #include <sched.h>  // sched_getaffinity
 #include <sys/prctl.h>
+#include <sys/timerfd.h>
 #endif
 
 namespace coro_jobs {
@@ -2273,6 +2274,10 @@ struct loop_impl {
 
   // ---- fds: one pollfd entry per fd, whatever the number of waits and watches on it
   std::vector<pollfd> pfds;  // [0] is the inbox pipe; [i].events: the OR of i's owners' events
+  std::size_t own_fds = 1;   // the loop's own entries: the pipe, and the timerfd if there is one
+  int timer_fd = -1;         // Linux: armed to the first deadline while the loop blocks
+  time_point timer_fd_at = time_point::min();  // what it is armed to (min: disarmed)
+  void arm_timer_fd(time_point deadline) noexcept;
   struct fd_list {
     fd_owner *first = nullptr, *last = nullptr;
   };
@@ -2393,13 +2398,23 @@ inline loop_impl::loop_impl(event_loop* s, std::size_t workers) : self(s) {
   }
   pool->max = workers;
 #ifdef __linux__
-  // ppoll's timeout gets the thread's timer slack added, 50 us by default: every timer
-  // would fire that late (bench W4). A slack of 1 ns makes ppoll as precise as a timerfd
-  // without a syscall per timer change. It applies to the thread that owns the loop.
+  // The thread's timer slack (50 us by default) is added to every kernel timer of the
+  // thread that owns the loop: 1 ns, so that no timer fires 50 us late (bench W4).
   ::prctl(PR_SET_TIMERSLACK, 1UL, 0UL, 0UL, 0UL);
 #endif
   pfds.push_back({box->rfd, POLLIN, 0});
   fd_lists.emplace_back();
+#ifdef __linux__
+  // poll's own timeout is late by 0.1% of it whatever the slack (the kernel's
+  // select_estimate_accuracy: a 1 s sleep ended 1.07 ms late), a timerfd is not (55 us):
+  // so the first deadline is also armed on a timerfd that ppoll watches, as Asio does.
+  timer_fd = ::timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+  if (timer_fd >= 0) {  // else ppoll's timeout alone, less precise
+    pfds.push_back({timer_fd, POLLIN, 0});
+    fd_lists.emplace_back();
+  }
+#endif
+  own_fds = pfds.size();
 }
 inline time_point loop_impl::clock() const noexcept {
   return manual ? manual_now : clock_type::now();
@@ -2619,7 +2634,7 @@ inline void loop_impl::run_posted(void* self) {
   }
 }
 inline bool loop_impl::pending() const noexcept {
-  return !ready.empty() || !timers.empty() || pfds.size() > 1 || outstanding > 0 ||
+  return !ready.empty() || !timers.empty() || pfds.size() > own_fds || outstanding > 0 ||
          box->signalled.load(std::memory_order_acquire);
 }
 
@@ -2648,7 +2663,7 @@ inline bool loop_impl::run_once() {
     // A manual clock never waits for a timer (time moves only through advance()), but it
     // still blocks for what can wake it (a worker, a callback, an fd), unless advance()
     // has just made the first timer due.
-    const bool waker = threads_out > 0 || pfds.size() > 1;
+    const bool waker = threads_out > 0 || pfds.size() > own_fds;
     wait(timers.empty() ? duration(-1)
          : manual       ? (waker && timers.front().deadline > manual_now ? duration(-1) : duration::zero())
                         : std::max(timers.front().deadline - clock_type::now(), duration::zero()));
@@ -2666,10 +2681,10 @@ inline bool loop_impl::run_once() {
   } else if (pipe_readable) {
     box->drain();  // a stale byte (see inbox::drain): left there, every poll would return at once
   }
-  if (pfds.size() > 1) {
+  if (pfds.size() > own_fds) {
     // Backwards, because an entry whose last owner fired swaps the last entry (already
     // handled) into its place.
-    for (std::size_t i = pfds.size() - 1; i > 0; --i) {
+    for (std::size_t i = pfds.size() - 1; i >= own_fds; --i) {
       if (i < pfds.size() && pfds[i].revents)
         dispatch_fd(i, std::exchange(pfds[i].revents, short(0)));
     }
@@ -2765,7 +2780,7 @@ inline const char* loop_impl::who(const ready_item& it, std::string& name) const
 // work is ready and no fd is watched, the syscall is skipped: the inbox flag is an atomic
 // we can read directly, which keeps a yield as cheap as a queue push.
 inline void loop_impl::wait(duration timeout) {
-  if (timeout == duration::zero() && pfds.size() == 1) return;
+  if (timeout == duration::zero() && pfds.size() == own_fds) return;
   ++polls;
   // A thread function is running: its result may be microseconds away (see spin_until).
   if (threads_out > 0 && timeout != duration::zero() &&
@@ -2778,6 +2793,8 @@ inline void loop_impl::wait(duration timeout) {
     ~not_polling() { b.polling.store(false, std::memory_order_relaxed); }
   } guard{*box};
   if (box->signalled.load()) timeout = duration::zero();  // work is in: just look at the fds
+  if (timer_fd >= 0 && timeout != duration::zero())
+    arm_timer_fd(timeout > duration::zero() && !timers.empty() ? timers.front().deadline : time_point::min());
   for (;;) {
     int n;
 #if defined(__linux__) || defined(__FreeBSD__) || defined(__OpenBSD__) || defined(__NetBSD__)
@@ -2798,7 +2815,14 @@ inline void loop_impl::wait(duration timeout) {
           86400000));
     n = ::poll(pfds.data(), nfds_t(pfds.size()), ms);
 #endif
-    if (n >= 0) return;
+    if (n >= 0) {
+      if (timer_fd >= 0 && std::exchange(pfds[1].revents, short(0))) {
+        std::uint64_t expirations;
+        [[maybe_unused]] auto r = ::read(timer_fd, &expirations, sizeof expirations);
+        timer_fd_at = time_point::min();
+      }
+      return;
+    }
     if (errno != EINTR) throw std::system_error(errno, std::generic_category(), "coro_jobs: poll");
     // A signal: poll again for what is left, so EINTR can neither end nor postpone a wait.
     if (timeout > duration::zero()) {
@@ -2806,6 +2830,25 @@ inline void loop_impl::wait(duration timeout) {
       timeout = std::max(timers.front().deadline - clock(), duration::zero());
     }
   }
+}
+
+// Arms the timerfd to `deadline` (min: disarms it), unless it is armed to that already:
+// one syscall when the first deadline changes, none per wait on the same one.
+inline void loop_impl::arm_timer_fd(time_point deadline) noexcept {
+#ifdef __linux__
+  if (deadline == time_point::max()) deadline = time_point::min();  // never: nothing to arm
+  if (deadline == timer_fd_at || manual) return;
+  itimerspec its{};
+  if (deadline != time_point::min()) {
+    const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(deadline.time_since_epoch()).count();
+    its.it_value.tv_sec = time_t(ns / 1000000000);
+    its.it_value.tv_nsec = long(ns % 1000000000);
+    if (ns <= 0) its.it_value.tv_nsec = 1;  // zero would disarm it
+  }
+  if (::timerfd_settime(timer_fd, TFD_TIMER_ABSTIME, &its, nullptr) == 0) timer_fd_at = deadline;
+#else
+  (void)deadline;
+#endif
 }
 
 inline void loop_impl::collect_due_timers() {
@@ -2866,14 +2909,14 @@ inline void loop_impl::shut_down() {
   });
   pool->release_workers(!still_running && !detach_workers);
   for (const timer_entry& e : timers) drop_timer(e);
-  for (std::size_t i = 1; i < fd_lists.size(); ++i)  // job waits are gone: only watches
+  for (std::size_t i = own_fds; i < fd_lists.size(); ++i)  // job waits are gone: only watches
     for (fd_owner *o = fd_lists[i].first, *next; o; o = next) {
       next = o->next;  // before the unref, which may free o
       o->registered = false;
       static_cast<callback_node*>(o)->unref();
     }
-  pfds.resize(1);
-  fd_lists.resize(1);
+  pfds.resize(own_fds);
+  fd_lists.resize(own_fds);
   fd_entry.clear();
   fd_registrations = 0;
   for (auto* q : {&ready, &running})
@@ -2905,7 +2948,9 @@ inline void loop_impl::shut_down() {
   }
   errors.clear();
 }
-inline loop_impl::~loop_impl() = default;
+inline loop_impl::~loop_impl() {
+  if (timer_fd >= 0) ::close(timer_fd);
+}
 
 inline void callback_node::fd_ready(loop_impl& l, short ev) noexcept {
   revents = ev;
@@ -3424,7 +3469,7 @@ inline void event_loop::run() {
     // With a manual clock, timers alone cannot make progress: return and let the caller
     // advance() the clock, instead of spinning.
     // (Callback tasks may be waiting for a timer too; a thread function or an fd would wake us.)
-    if (l.manual && l.ready.empty() && l.pfds.size() == 1 && l.threads_out == 0 &&
+    if (l.manual && l.ready.empty() && l.pfds.size() == l.own_fds && l.threads_out == 0 &&
         !l.box->signalled.load(std::memory_order_acquire))
       break;
   }

@@ -2990,6 +2990,7 @@ TEST_CASE("the watchdog names the job whose cancelled thread function holds the 
       },
       "export");
   REQUIRE(run_until(loop, [&] { return started.load(); }));
+  who.clear();  // a slow first step (starting a worker under load) may have been reported
   scope.cancel_all();
   REQUIRE_FALSE(who.empty());
   CHECK(who.front() == "export waiting for its cancelled threaded_task");
@@ -3041,6 +3042,70 @@ TEST_CASE("starting jobs in a job_scope costs about what start_job costs, howeve
   MESSAGE(n << " starts: start_job " << std::chrono::duration_cast<std::chrono::milliseconds>(plain).count()
             << " ms, job_scope::start " << std::chrono::duration_cast<std::chrono::milliseconds>(scoped).count() << " ms");
   CHECK(scoped < 20 * plain + 200ms);
+}
+
+// Fails the first allocation from the co_await on, then the second, ...: each lands in another
+// step of making the frames and starting the three branches. A started branch points into the
+// awaiter's frame (its group and result slots), so it must be cancelled and its frame
+// destroyed before the error leaves that frame; it used to be left queued, and ran later on
+// freed memory (a heap-use-after-free under ASan, and still counted in stats() at the catch).
+TEST_CASE("an allocation failing while when_all or when_any starts its branches unwinds the started ones before the awaiter gets std::bad_alloc" *
+          doctest::skip(!can_fail_allocations)) {
+  auto child = [](int v) -> job<int> {
+    live l;
+    co_await sleep_task(1ms);
+    co_return v;
+  };
+  for (const bool any : {false, true}) {
+    int failures = 0;
+    bool succeeded = false;
+    for (int nth = 1; nth <= 100 && !succeeded; ++nth) {
+      CAPTURE(any);
+      CAPTURE(nth);
+      event_loop loop;
+      const int live_before = live::count;
+      std::string outcome = "not run";
+      std::size_t jobs_at_catch = 0;
+      int live_at_catch = 0;
+      int sum = 0;
+      start_job(loop, [&]() -> job<> {
+        live l;
+        try {
+          fail_alloc_in = nth;  // counts until this job first suspends (see run_once below)
+          if (any) {
+            auto r = co_await when_any(child(1), sleep_task(1h), child(3));
+            sum = r.index() == 0 ? std::get<0>(r) : -1;
+          } else {
+            auto r = co_await when_all(child(1), sleep_task(1ms), child(3));
+            sum = std::get<0>(r) + std::get<2>(r) + (std::get<1>(r) >= 1ms ? 0 : -100);
+          }
+          outcome = "value";
+        } catch (const std::bad_alloc&) {
+          outcome = "bad_alloc";
+          jobs_at_catch = loop.stats().jobs;  // this job only: no branch left behind
+          live_at_catch = live::count;
+        }
+      });
+      loop.run_once();  // the job alone: it runs until it suspends in the when_all, or ends
+      const bool failed = fail_alloc_in == 0;
+      fail_alloc_in = 0;
+      drain(loop);
+      CHECK(outcome == (failed ? "bad_alloc" : "value"));
+      if (failed) {
+        CHECK(jobs_at_catch == 1u);
+        CHECK(live_at_catch == live_before + 1);
+        ++failures;
+      } else {
+        CHECK(sum == (any ? 1 : 4));
+        succeeded = true;
+      }
+      CHECK(loop.stats().jobs == 0u);
+      CHECK(loop.stats().timers == 0u);
+      CHECK(live::count == live_before);
+    }
+    CHECK(succeeded);
+    CHECK(failures >= 7);  // two child frames, the when_all frame, three branch frames, ...
+  }
 }
 
 TEST_CASE("jobs() lists branches and shielded waits under their parent's name, at every level") {

@@ -2258,7 +2258,7 @@ TEST_CASE("a post from another thread wakes a loop that waits in poll on an fd, 
   w.cancel();
 }
 
-TEST_CASE("a post from another thread wakes a loop asleep on its futex (no fd watched), every time") {
+TEST_CASE("a post from another thread wakes a loop that waits in poll with no fd watched, every time") {
   event_loop loop;
   auto keep = loop.call_later(1h, [] {});  // pending, so the loop blocks
   posts_from_another_thread_wake(loop);

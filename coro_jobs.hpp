@@ -2345,6 +2345,7 @@ struct loop_impl {
   void resume_job(job_ctx* j);  // runs j from where it was enqueued, as `current`
   static void skip(void*) noexcept;  // a withdrawn ready item
   void finish_now(job_ctx* j);  // cancels j and finishes its unwinding before returning
+  void finish_now(job_ctx* const* first, job_ctx* const* last);  // the same for each, in order
   void finish_one(job_ctx* j);  // finish_now's work on one job of the tree, branches done
   void withdraw_items(job_ctx** first, job_ctx** last) noexcept;  // of jobs finish_now ran
   // Groups whose stop has not reached all their branches yet, innermost first (see
@@ -3074,35 +3075,40 @@ inline bool job_ctx::cancel() noexcept {
 // below j is listed first (breadth first, each held), then finished from the last listed
 // back, so every job after the ones it waits for. A list and a loop, not a recursion: a
 // when_all nested 20,000 deep took 1.1 KiB of stack a level under ASan.
-inline void loop_impl::finish_now(job_ctx* j) {
-  if (j->done) return;
-  j->cancel();  // reaches every branch below it (see group::stop)
-  if (j == current) return;  // it is running (it closed its own scope): it ends at its next await
-  std::vector<job_ctx*> below;  // j's branches, theirs...; no allocation for a job without any
-  ++j->refs;
+inline void loop_impl::finish_now(job_ctx* j) { finish_now(&j, &j + 1); }
+// The same for several jobs, in order (job_scope::cancel_all), with one withdraw_items pass
+// for all of them at the end: one pass per job made closing a scope of 100,000 unstarted
+// jobs quadratic (181 s under ASan, 27 s at -O2).
+inline void loop_impl::finish_now(job_ctx* const* first, job_ctx* const* last) {
+  std::vector<job_ctx*> held;  // every job finished here, with its tree: held till withdrawn
+  held.reserve(std::size_t(last - first));
   struct done_with {
     loop_impl& l;
-    job_ctx* top;
-    std::vector<job_ctx*>& below;
+    std::vector<job_ctx*>& held;
     ~done_with() {
-      l.withdraw_items(&top, &top + 1);
-      l.withdraw_items(below.data(), below.data() + below.size());
-      for (job_ctx* b : below) b->release();
-      top->release();
+      l.withdraw_items(held.data(), held.data() + held.size());
+      for (job_ctx* b : held) b->release();
     }
-  } hold{*this, j, below};
-  auto list_branches = [&below](job_ctx* p) {
+  } hold{*this, held};
+  auto list_branches = [&held](job_ctx* p) {
     if (!p->started || p->done || !p->branches) return;
     for (job_ctx* b : p->branches->branches) {
       if (b->done) continue;
-      below.push_back(b);
+      held.push_back(b);
       ++b->refs;
     }
   };
-  list_branches(j);
-  for (std::size_t i = 0; i < below.size(); ++i) list_branches(below[i]);
-  for (std::size_t i = below.size(); i-- > 0;) finish_one(below[i]);
-  finish_one(j);
+  for (; first != last; ++first) {
+    job_ctx* const j = *first;
+    if (j->done) continue;
+    j->cancel();  // reaches every branch below it (see group::stop)
+    if (j == current) continue;  // it is running (it closed its own scope): it ends at its next await
+    const std::size_t top = held.size();
+    held.push_back(j);
+    ++j->refs;
+    for (std::size_t i = top; i < held.size(); ++i) list_branches(held[i]);
+    for (std::size_t i = held.size(); i-- > top;) finish_one(held[i]);  // j last
+  }
 }
 inline void loop_impl::finish_one(job_ctx* j) {
   if (j->done || j == current) return;
@@ -3711,13 +3717,15 @@ inline std::size_t job_scope::cancel_all() {
   // jobs from jobs_.
   std::vector<detail::job_ctx*> snapshot(jobs_.rbegin(), jobs_.rend());
   for (detail::job_ctx* j : snapshot) ++j->refs;
-  std::size_t n = 0;
-  for (detail::job_ctx* j : snapshot) {
-    if (j->done) continue;
-    ++n;
-    j->loop->finish_now(j);
-  }
-  for (detail::job_ctx* j : snapshot) j->release();
+  struct release_all {
+    std::vector<detail::job_ctx*>& v;
+    ~release_all() {
+      for (detail::job_ctx* j : v) j->release();
+    }
+  } release{snapshot};
+  const auto n = std::size_t(std::count_if(snapshot.begin(), snapshot.end(), [](auto* j) { return !j->done; }));
+  if (n > 0)  // else the loop may be gone (it ended them all): do not touch it
+    loop_->finish_now(snapshot.data(), snapshot.data() + snapshot.size());
   return n;
 }
 

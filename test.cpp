@@ -3056,6 +3056,33 @@ TEST_CASE("starting jobs in a job_scope costs about what start_job costs, howeve
   CHECK(scoped < 20 * plain + 200ms);
 }
 
+TEST_CASE("closing a job_scope of many jobs costs about what destroying a loop with them costs") {
+  // Compared in the same run: finishing each job used to scan the whole ready queue for its
+  // items, so closing a scope of 100,000 unstarted jobs took 27 s (181 s under ASan).
+  constexpr int n = 100000;
+  auto sleeper = []() -> job<> { co_await sleep_task(1h); };
+  steady_clock::duration plain{}, scoped{};
+  {
+    auto loop = std::make_unique<event_loop>();
+    for (int i = 0; i < n; ++i) start_job(*loop, sleeper());
+    const auto t0 = steady_clock::now();
+    loop.reset();
+    plain = steady_clock::now() - t0;
+  }
+  {
+    event_loop loop;
+    job_scope scope(loop);
+    for (int i = 0; i < n; ++i) scope.start(sleeper());
+    const auto t0 = steady_clock::now();
+    CHECK(scope.cancel_all() == std::size_t(n));
+    scoped = steady_clock::now() - t0;
+    CHECK(loop.stats().jobs == 0);
+  }
+  MESSAGE(n << " jobs: destroying the loop " << std::chrono::duration_cast<std::chrono::milliseconds>(plain).count()
+            << " ms, job_scope::cancel_all " << std::chrono::duration_cast<std::chrono::milliseconds>(scoped).count() << " ms");
+  CHECK(scoped < 20 * plain + 200ms);
+}
+
 // Fails the first allocation from the co_await on, then the second, ...: each lands in another
 // step of making the frames and starting the three branches. A started branch points into the
 // awaiter's frame (its group and result slots), so it must be cancelled and its frame

@@ -588,12 +588,28 @@ inline time_point deadline_after(time_point now, duration d) noexcept {
 
 // --- Work items -------------------------------------------------------------------------
 
-// One entry of the ready queue: resume a job (run == nullptr, arg = its job_ctx, which
-// holds the frame to resume) or call run(arg). Two words, trivially copyable: the hot path
-// of every job switch.
+// One entry of the ready queue, two words: the hot path of every job switch.
+enum class item : std::uint8_t {
+  resume,  // arg: a job_ctx; resume it at its resume_at frame
+  start,   // arg: a job_ctx; run its body to its first await (or drop it, if cancelled)
+  posted,  // the oldest posted callback (a post, a progress delivery)
+  timer,   // arg: a callback_node; its call_later callback
+  watch,   // arg: a callback_node; its watch callback, with the revents poll gave
+  report,  // the oldest queued error, to the error handler
+  skip,    // withdrawn (see loop_impl::withdraw_items)
+};
 struct ready_item {
-  void (*run)(void*);
+  item kind;
   void* arg;
+};
+
+// What other threads send the loop through its inbox. With `who` null, fn is a completion:
+// it runs as soon as the loop takes the batch, and only queues work. Otherwise it is a
+// callback (a post, a progress delivery) that runs in the ready step like the loop's own,
+// named `who` to the error handler and the watchdog.
+struct remote_item {
+  const char* who;
+  std::function<void()> fn;
 };
 
 // A wait of a job that cancel() can withdraw. Every completion path clears ctx_->pending
@@ -753,13 +769,10 @@ struct job_ctx {
   // catches it in a loop cannot freeze the program), or thrown and then caught and ignored
   // (reported once to the error handler).
   enum class cancel_reach : std::uint8_t { not_thrown, thrown, went_on } reach = cancel_reach::not_thrown;
-  bool in_room = false;  // built in the room in front of its root frame (see alloc_frame)
   bool item_kept = false;  // loop_impl::withdraw_items only: its newest queued item is kept
 
   virtual ~job_ctx() = default;
-  // The complete object's address (the room: the frame's whole allocation), and its result
-  // type's tag (type_tag<T>): what dynamic_cast would give, without RTTI (-fno-rtti builds).
-  virtual void* memory() noexcept = 0;
+  // Its result type's tag (type_tag<T>): what dynamic_cast would tell, without RTTI.
   virtual const void* type() const noexcept = 0;
   bool cancel() noexcept;
   // A branch's state holds a reference to its parent's: the last release of a chain of
@@ -767,13 +780,7 @@ struct job_ctx {
   void release() noexcept {
     for (job_ctx* j = this; j && --j->refs == 0;) {
       job_ctx* const up = j->extra.parent();
-      if (!j->in_room) {
-        delete j;
-      } else {
-        void* const m = j->memory();
-        j->~job_ctx();
-        ::operator delete(m);
-      }
+      delete j;
       j = up;
     }
   }
@@ -802,7 +809,6 @@ template <class T>
 struct job_state final : job_ctx {
   std::optional<T> value;
   bool taken = false;
-  void* memory() noexcept override { return this; }
   const void* type() const noexcept override { return &type_tag<T>; }
   T get() {
     rethrow_if_error();
@@ -817,7 +823,6 @@ struct job_state final : job_ctx {
 };
 template <>
 struct job_state<void> final : job_ctx {
-  void* memory() noexcept override { return this; }
   const void* type() const noexcept override { return &type_tag<void>; }
   void get() { rethrow_if_error(); }
 };
@@ -843,7 +848,7 @@ inline void unreserve_start(loop_impl& l) noexcept;
 inline void commit_start(loop_impl& l, job_ctx* j) noexcept;
 // Thread functions and callbacks: the inbox is how other threads reach the loop.
 inline const std::shared_ptr<inbox>& inbox_of(loop_impl& l) noexcept;
-inline bool post_remote(inbox& b, std::function<void()> fn);  // any thread
+inline bool post_remote(inbox& b, std::function<void()> fn, const char* who = nullptr);  // any thread
 inline void submit_thread(loop_impl& l, std::shared_ptr<pool_task> work);
 inline void thread_returned(loop_impl& l) noexcept;  // its completion arrived
 inline bool withdraw_thread(loop_impl& l, pool_task* t) noexcept;  // still queued: never runs
@@ -852,72 +857,6 @@ inline void abandon_thread(loop_impl& l, std::shared_ptr<pool_task> t) noexcept;
 inline void wait_for_thread(loop_impl& l, job_ctx* j, const pool_task& t) noexcept;
 inline unsigned usable_cpus() noexcept;  // CPUs this thread may run on (its affinity mask)
 inline void count_callback(loop_impl& l, bool waiting) noexcept;  // a callback task
-inline void queue_progress(loop_impl& l, void (*deliver)(void*), std::shared_ptr<void> s);
-inline std::shared_ptr<void> take_progress_ref(loop_impl& l, const void* s);
-
-// --- Frame memory
-// Every job frame is allocated with a room in front of it for a job_state, so start_job
-// builds the job's state there instead of allocating it: one allocation and one free per
-// job instead of two, and no second malloc header (bench W2: a million sleeping jobs,
-// where free() was a quarter of the time). A child frame leaves its room unused (the
-// price: about 128 bytes per nested frame). Once a state lives in the room, the memory is
-// the state's to free when its last reference goes: it may outlive the frame (a
-// job_handle reads the result), so operator delete then leaves it alone. Frames larger
-// than room_frame_limit do not offer their room: a handle kept to a finished job must not
-// keep a big frame's memory.
-// The room ends with one word, just before the frame: the frame's address if a state may
-// be built there, plus 1 once one is. start_job checks the address, because it finds the
-// room from coroutine_handle::address(), which is the pointer operator new returned on GCC,
-// Clang and MSVC; where it is not, or the room is not offered, it allocates the state apart.
-inline constexpr std::size_t new_align = __STDCPP_DEFAULT_NEW_ALIGNMENT__;  // the frame's alignment
-inline constexpr std::size_t room_frame_limit = 512;
-
-template <class State>  // a multiple of new_align, so the frame stays aligned; 0: no room
-inline constexpr std::size_t state_room =
-    alignof(State) <= new_align && sizeof(State) <= 256
-        ? (sizeof(State) + sizeof(std::uintptr_t) + new_align - 1) / new_align * new_align
-        : 0;
-
-inline std::uintptr_t& room_word(void* frame) noexcept {
-  return *reinterpret_cast<std::uintptr_t*>(static_cast<char*>(frame) - sizeof(std::uintptr_t));
-}
-template <class State>
-void* alloc_frame(std::size_t n) {
-  constexpr std::size_t room = state_room<State>;
-  if constexpr (room == 0) {
-    return ::operator new(n);
-  } else {
-    char* const frame = static_cast<char*>(::operator new(room + n)) + room;
-    const std::uintptr_t offer = n <= room_frame_limit ? reinterpret_cast<std::uintptr_t>(frame) : 0;
-    ::new (static_cast<void*>(frame - sizeof(std::uintptr_t))) std::uintptr_t(offer);
-    return frame;
-  }
-}
-template <class State>
-void free_frame(void* frame) noexcept {
-  constexpr std::size_t room = state_room<State>;
-  if constexpr (room == 0) {
-    ::operator delete(frame);
-  } else if (!(room_word(frame) & 1)) {  // else its state frees the memory
-    room_word(frame) = 0;  // no stale address for a later frame in the same memory to match
-    ::operator delete(static_cast<char*>(frame) - room);
-  }
-}
-// Builds the job state for the frame at `frame`: in its room if it has one.
-template <class State>
-State* make_state(void* frame) {
-  constexpr std::size_t room = state_room<State>;
-  if constexpr (room != 0) {
-    std::uintptr_t& word = room_word(frame);
-    if (word == reinterpret_cast<std::uintptr_t>(frame)) {
-      State* const s = ::new (static_cast<char*>(frame) - room) State();
-      word |= 1;
-      s->in_room = true;
-      return s;
-    }
-  }
-  return new State();
-}
 
 struct access {
   template <class T> static auto& handle(job<T>& j) noexcept { return j.h_; }
@@ -1106,8 +1045,6 @@ struct promise_base {
 
 template <class T>
 struct job_promise : promise_base {
-  static void* operator new(std::size_t n) { return alloc_frame<job_state<T>>(n); }
-  static void operator delete(void* frame) noexcept { free_frame<job_state<T>>(frame); }
   std::optional<T> value;
   job<T> get_return_object() noexcept {
     return access::make_job<T>(std::coroutine_handle<job_promise>::from_promise(*this));
@@ -1125,8 +1062,6 @@ struct job_promise : promise_base {
 
 template <>
 struct job_promise<void> : promise_base {
-  static void* operator new(std::size_t n) { return alloc_frame<job_state<void>>(n); }
-  static void operator delete(void* frame) noexcept { free_frame<job_state<void>>(frame); }
   job<void> get_return_object() noexcept {
     return access::make_job<void>(std::coroutine_handle<job_promise>::from_promise(*this));
   }
@@ -1663,12 +1598,9 @@ struct progress_state : std::enable_shared_from_this<progress_state<T>> {
       if (queued) return;  // the queued delivery will carry the newest value
       queued = true;
     }
-    detail::post_remote(*box, [s = this->shared_from_this()] {
-      detail::queue_progress(*s->loop, &deliver, s);
-    });
+    detail::post_remote(*box, [s = this->shared_from_this()] { deliver(s.get()); }, "progress");
   }
-  static void deliver(void* p) {
-    auto* s = static_cast<progress_state*>(p);
+  static void deliver(progress_state* s) {  // a posted callback: its errors are reported
     std::optional<T> v;
     {
       std::lock_guard<std::mutex> lock(s->m);
@@ -1676,8 +1608,6 @@ struct progress_state : std::enable_shared_from_this<progress_state<T>> {
       s->latest.reset();
       s->queued = false;
     }
-    loop_impl* l = s->loop;
-    std::shared_ptr<void> keep = detail::take_progress_ref(*l, s);
     if (!s->alive || !v) return;
     // Called from a local: a callback that ends the job destroys the progress object,
     // whose destructor would otherwise free the function (and its captures) mid-call.
@@ -1688,11 +1618,7 @@ struct progress_state : std::enable_shared_from_this<progress_state<T>> {
         if (s->alive) s->on_progress = std::move(fn);
       }
     } running{s, std::move(s->on_progress)};
-    try {
-      running.fn(std::move(*v));
-    } catch (...) {
-      detail::report(*l, "progress", std::current_exception());
-    }
+    running.fn(std::move(*v));
   }
 };
 
@@ -1783,11 +1709,11 @@ job_handle<T> start_with(event_loop& loop, job<T>& j, job_extras extra) {
   auto& h = access::handle(j);
   if (!h) throw std::invalid_argument("coro_jobs: start_job of an empty job (moved-from or already started)");
   // What may throw comes first, before anything is committed: the name (in `extra`), the
-  // ready slot (the one allocation when the state goes in the frame's room) and the state.
+  // ready slot and the state.
   detail::reserve_start(l);
   job_state<T>* s;
   try {
-    s = make_state<job_state<T>>(h.address());
+    s = new job_state<T>();
   } catch (...) {
     detail::unreserve_start(l);
     throw;
@@ -2065,7 +1991,7 @@ bool spin_until(Done done) {
 // is gone.
 struct inbox {
   std::mutex m;
-  std::vector<std::function<void()>> items;  // run on the loop thread; they only enqueue
+  std::vector<remote_item> items;
   bool closed = false;                       // guarded by m
   std::atomic<bool> signalled{false};  // a wakeup is on its way (or the loop is busy anyway)
   std::atomic<bool> polling{false};    // the loop is in (or about to enter) ppoll
@@ -2079,11 +2005,11 @@ struct inbox {
   inbox& operator=(const inbox&) = delete;
 
   // Any thread:
-  bool push(std::function<void()> fn);  // queues fn and wakes the loop; false once closed
+  bool push(remote_item it);  // queues it and wakes the loop; false once closed
   void wake() noexcept;                 // async-signal-safe: no lock, no allocation
   // The loop thread:
   void drain() noexcept;                               // empties the pipe
-  void take(std::vector<std::function<void()>>& out);  // the queued items, flag reset
+  void take(std::vector<remote_item>& out);  // the queued items, flag reset
   void close();                                        // drops items; later pushes fail
 };
 
@@ -2101,11 +2027,11 @@ inline inbox::~inbox() {
   ::close(rfd);
   ::close(wfd);
 }
-inline bool inbox::push(std::function<void()> fn) {
+inline bool inbox::push(remote_item it) {
   {
     std::lock_guard<std::mutex> lock(m);
     if (closed) return false;
-    items.push_back(std::move(fn));
+    items.push_back(std::move(it));
   }
   wake();
   return true;
@@ -2129,14 +2055,14 @@ inline void inbox::drain() noexcept {
   while (::read(rfd, buf, sizeof buf) == sizeof buf) {
   }
 }
-inline void inbox::take(std::vector<std::function<void()>>& out) {
+inline void inbox::take(std::vector<remote_item>& out) {
   if (piped.exchange(false, std::memory_order_acquire)) drain();
   signalled.store(false, std::memory_order_release);
   std::lock_guard<std::mutex> lock(m);
   out.swap(items);
 }
 inline void inbox::close() {
-  std::vector<std::function<void()>> dropped;
+  std::vector<remote_item> dropped;
   {
     std::lock_guard<std::mutex> lock(m);
     closed = true;
@@ -2275,8 +2201,8 @@ struct callback_node final : fd_owner, timer_owner {
   void unref() noexcept;
   void fd_ready(loop_impl& loop, short ev) noexcept override;
   static void fire_timer(timer_owner* self, loop_impl& loop);
-  static void run_timer(void* self);
-  static void run_watch(void* self);
+  void run_timer();  // item::timer
+  void run_watch();  // item::watch
 };
 
 struct loop_impl {
@@ -2302,8 +2228,8 @@ struct loop_impl {
   std::size_t fd_registrations = 0;       // owners, for stats().fd_waits
 
   std::shared_ptr<inbox> box = std::make_shared<inbox>();
-  std::vector<std::function<void()>> remote;  // the batch taken from the inbox
-  std::deque<std::function<void()>> posted;   // posted callbacks, in FIFO order
+  std::vector<remote_item> remote;  // the batch taken from the inbox
+  std::deque<remote_item> posted;   // posted callbacks, in FIFO order
 
   std::shared_ptr<worker_pool> pool = std::make_shared<worker_pool>();
   // Work was submitted to the pool since its last kick(). Only jobs submit, and jobs run only
@@ -2327,8 +2253,6 @@ struct loop_impl {
   bool manual = false;                 // loop_options::manual_clock
   time_point manual_now = now;         // the manual clock's reading
 
-  std::vector<std::shared_ptr<void>> progress_refs;  // progress states with a queued delivery
-  std::shared_ptr<void> take_progress_ref(const void* s);  // the delivery's, out of the list
   duration watchdog{};                 // > 0: report items that hold the loop longer
   watchdog_handler on_slow;
 
@@ -2343,7 +2267,6 @@ struct loop_impl {
   void enqueue(job_ctx* j, std::coroutine_handle<> h);  // j resumes at h next iteration
   job_ctx* current = nullptr;  // the job being resumed, if any
   void resume_job(job_ctx* j);  // runs j from where it was enqueued, as `current`
-  static void skip(void*) noexcept;  // a withdrawn ready item
   void finish_now(job_ctx* j);  // cancels j and finishes its unwinding before returning
   void finish_now(job_ctx* const* first, job_ctx* const* last);  // the same for each, in order
   void finish_one(job_ctx* j);  // finish_now's work on one job of the tree, branches done
@@ -2353,9 +2276,9 @@ struct loop_impl {
   group* stop_list = nullptr;
   bool stopping_groups = false;
   void run_items();
-  void run_items_watched();
+  void run_item(const ready_item& it);
+  static const char* item_name(item k) noexcept;  // for the watchdog
   void report_slow(const std::string& who, duration held);  // to on_slow, else the handler
-  const char* who(const ready_item& it, std::string& name) const;
 
   // The one place job frames are resumed. A frame that awaits a child, or a child that
   // finishes, does not resume the other itself: it leaves it in `next` and returns here.
@@ -2382,7 +2305,7 @@ struct loop_impl {
   void dispatch_fd(std::size_t i, short revents) noexcept;  // poll's revents for entry i
 
   // ---- errors
-  static void run_report(void* self);  // a ready item: hands the oldest error to the handler
+  void run_report();  // item::report: hands the oldest error to the handler
   void report(std::string name, std::exception_ptr e);  // queues it for the handler
   void call_handler(std::string_view name, std::exception_ptr e);
   static void print_error(std::string_view name, const std::exception_ptr& e) noexcept;
@@ -2391,8 +2314,8 @@ struct loop_impl {
   void link(job_ctx* j) noexcept;
   void unlink(job_ctx* j) noexcept;
   void job_finished(job_ctx* j);     // its top frame ended, or it was dropped unstarted
-  static void run_start(void* ctx);  // a ready item: runs a started job's body to its first await
-  static void run_posted(void* self);  // a ready item: runs the oldest posted callback
+  static void run_start(job_ctx* j);  // item::start
+  void run_posted();                  // item::posted
 
   // ---- one iteration
   bool pending() const noexcept;
@@ -2403,16 +2326,6 @@ struct loop_impl {
 
 inline void loop_impl::kick_pool_if_needed() noexcept {
   if (std::exchange(kick_pool, false)) pool->kick();
-}
-inline std::shared_ptr<void> loop_impl::take_progress_ref(const void* s) {
-  for (auto& r : progress_refs)
-    if (r.get() == s) {
-      auto out = std::move(r);
-      r = std::move(progress_refs.back());
-      progress_refs.pop_back();
-      return out;
-    }
-  return {};
 }
 inline loop_impl::loop_impl(event_loop* s, std::size_t workers) : self(s) {
   if (workers == 0) {
@@ -2448,14 +2361,13 @@ inline void loop_impl::check_thread(const char* what) const {
 // watchdog and job scopes can tell whose it is.
 inline void loop_impl::enqueue(job_ctx* j, std::coroutine_handle<> h) {
   j->resume_at = h;
-  ready.push_back({nullptr, j});
+  ready.push_back({item::resume, j});
 }
 inline void loop_impl::resume_job(job_ctx* j) {
   job_ctx* const outer = std::exchange(current, j);  // a job scope may resume one inside another
   resume(std::exchange(j->resume_at, {}));
   current = outer;
 }
-inline void loop_impl::skip(void*) noexcept {}
 // finish_now runs jobs itself, so their queued items (a resume item from the cancel or from
 // before, a start item) must not run again. Of a job's resume items only the newest can
 // still be due, and only if the job was queued again meanwhile (resume_at is set: it caught
@@ -2468,7 +2380,7 @@ inline void loop_impl::withdraw_items(job_ctx** first, job_ctx** last) noexcept 
   std::sort(first, last, std::less<job_ctx*>());
   for (job_ctx** p = first; p != last; ++p) (*p)->item_kept = false;
   auto ours = [&](const ready_item& it) -> job_ctx* {
-    if (it.run && it.run != &run_start) return nullptr;
+    if (it.kind != item::resume && it.kind != item::start) return nullptr;
     auto* j = static_cast<job_ctx*>(it.arg);
     job_ctx** p = std::lower_bound(first, last, j, std::less<job_ctx*>());
     return p != last && *p == j ? j : nullptr;
@@ -2477,8 +2389,9 @@ inline void loop_impl::withdraw_items(job_ctx** first, job_ctx** last) noexcept 
     for (auto it = q->rbegin(); it != q->rend(); ++it) {
       job_ctx* const j = ours(*it);
       if (!j) continue;
-      const bool due = it->run ? !j->started && !j->done : j->resume_at && !std::exchange(j->item_kept, true);
-      if (!due) *it = {&skip, nullptr};
+      const bool due = it->kind == item::start ? !j->started && !j->done
+                                               : j->resume_at && !std::exchange(j->item_kept, true);
+      if (!due) *it = {item::skip, nullptr};
     }
 }
 inline void loop_impl::resume(std::coroutine_handle<> h) {
@@ -2631,7 +2544,7 @@ inline void loop_impl::dispatch_fd(std::size_t i, short revents) noexcept {
 }
 inline void loop_impl::report(std::string name, std::exception_ptr e) {
   errors.emplace_back(std::move(name), std::move(e));
-  ready.push_back({&run_report, this});
+  ready.push_back({item::report, nullptr});
 }
 inline void loop_impl::call_handler(std::string_view name, std::exception_ptr e) {
   // A copy: the handler may replace itself (set_error_handler) while it runs.
@@ -2664,14 +2577,13 @@ inline void loop_impl::unlink(job_ctx* j) noexcept {
   if (j->next) j->next->prev = j->prev;
   j->prev = j->next = nullptr;
 }
-inline void loop_impl::run_posted(void* self) {
-  auto* l = static_cast<loop_impl*>(self);
-  auto fn = std::move(l->posted.front());
-  l->posted.pop_front();
+inline void loop_impl::run_posted() {
+  remote_item p = std::move(posted.front());
+  posted.pop_front();
   try {
-    fn();
+    p.fn();
   } catch (...) {
-    l->report("post", std::current_exception());
+    report(p.who, std::current_exception());
   }
 }
 inline bool loop_impl::pending() const noexcept {
@@ -2717,7 +2629,14 @@ inline bool loop_impl::run_once() {
   const bool pipe_readable = std::exchange(pfds[0].revents, short(0)) != 0;
   if (box->signalled.load(std::memory_order_acquire)) {
     box->take(remote);
-    for (auto& fn : remote) fn();
+    for (remote_item& r : remote) {
+      if (!r.who) {
+        r.fn();
+      } else {
+        posted.push_back(std::move(r));
+        ready.push_back({item::posted, nullptr});
+      }
+    }
     remote.clear();
   } else if (pipe_readable) {
     box->drain();  // a stale byte (see inbox::drain): left there, every poll would return at once
@@ -2733,25 +2652,38 @@ inline bool loop_impl::run_once() {
   collect_due_timers();
 
   running.swap(ready);
-  if (watchdog > duration::zero())
-    run_items_watched();
-  else
-    run_items();
+  run_items();
   running.clear();
   return pending();
 }
 
 // Runs this iteration's snapshot. Only the error handler (or the watchdog's) throws out of
-// here; the rest of the snapshot is kept for the next iteration.
+// here; the rest of the snapshot is kept for the next iteration. With the watchdog on, each
+// item is timed (real time, even with a manual clock: it is the user's wait that matters),
+// and a job is held by a reference while it runs, so its name can still be read when it has
+// just ended.
 inline void loop_impl::run_items() {
   std::size_t i = 0;
   try {
     for (; i < running.size(); ++i) {
       const ready_item it = running[i];
-      if (!it.run)
-        resume_job(static_cast<job_ctx*>(it.arg));
-      else
-        it.run(it.arg);
+      if (watchdog <= duration::zero()) {
+        run_item(it);
+        continue;
+      }
+      const bool is_job = it.kind == item::resume || it.kind == item::start;
+      struct hold {
+        job_ctx* j;
+        ~hold() {
+          if (j) j->release();
+        }
+      } keep{is_job ? static_cast<job_ctx*>(it.arg) : nullptr};
+      if (keep.j) ++keep.j->refs;
+      const char* const who = it.kind == item::posted ? posted.front().who : nullptr;
+      const auto t0 = clock_type::now();
+      run_item(it);
+      const auto held = clock_type::now() - t0;
+      if (held > watchdog) report_slow(keep.j ? keep.j->extra.name_or_job() : who ? who : item_name(it.kind), held);
     }
   } catch (...) {
     ready.insert(ready.begin(), running.begin() + std::ptrdiff_t(i) + 1, running.end());
@@ -2760,36 +2692,24 @@ inline void loop_impl::run_items() {
   }
 }
 
-// The same, timing each item against the watchdog's threshold (real time, even with a
-// manual clock: it is the user's wait that matters). A job is held by a reference while it
-// runs, so its name can still be read when it has just ended.
-inline void loop_impl::run_items_watched() {
-  std::size_t i = 0;
-  std::string name;
-  try {
-    for (; i < running.size(); ++i) {
-      const ready_item it = running[i];
-      const bool is_job = !it.run || it.run == &run_start;
-      auto* j = is_job ? static_cast<job_ctx*>(it.arg) : nullptr;
-      if (j) ++j->refs;
-      struct hold {
-        job_ctx* j;
-        ~hold() {
-          if (j) j->release();
-        }
-      } keep{j};
-      const auto t0 = clock_type::now();
-      if (!it.run)
-        resume_job(j);
-      else
-        it.run(it.arg);
-      const auto held = clock_type::now() - t0;
-      if (held > watchdog) report_slow(who(it, name), held);
-    }
-  } catch (...) {
-    ready.insert(ready.begin(), running.begin() + std::ptrdiff_t(i) + 1, running.end());
-    running.clear();
-    throw;
+inline void loop_impl::run_item(const ready_item& it) {
+  switch (it.kind) {
+    case item::resume: return resume_job(static_cast<job_ctx*>(it.arg));
+    case item::start: return run_start(static_cast<job_ctx*>(it.arg));
+    case item::posted: return run_posted();
+    case item::timer: return static_cast<callback_node*>(it.arg)->run_timer();
+    case item::watch: return static_cast<callback_node*>(it.arg)->run_watch();
+    case item::report: return run_report();
+    case item::skip: return;
+  }
+}
+
+inline const char* loop_impl::item_name(item k) noexcept {
+  switch (k) {
+    case item::timer: return "call_later";
+    case item::watch: return "watch";
+    case item::report: return "error handler";
+    default: return "post";
   }
 }
 
@@ -2805,17 +2725,6 @@ inline void loop_impl::report_slow(const std::string& w, duration held) {
   }
 }
 
-inline const char* loop_impl::who(const ready_item& it, std::string& name) const {
-  if (!it.run || it.run == &run_start) {
-    name = static_cast<job_ctx*>(it.arg)->extra.name_or_job();
-    return name.c_str();
-  }
-  if (it.run == &run_posted) return "post";
-  if (it.run == &callback_node::run_timer) return "call_later";
-  if (it.run == &callback_node::run_watch) return "watch";
-  if (it.run == &run_report) return "error handler";
-  return "progress";
-}
 
 // Blocks in ppoll (nanosecond timeout) for at most `timeout` (negative: no limit). When
 // work is ready and no fd is watched, the syscall is skipped: the inbox flag is an atomic
@@ -2899,11 +2808,10 @@ inline void loop_impl::collect_due_timers() {
   }
 }
 
-inline void loop_impl::run_report(void* self) {
-  auto* l = static_cast<loop_impl*>(self);
-  auto [name, e] = std::move(l->errors.front());
-  l->errors.pop_front();
-  l->call_handler(name, std::move(e));
+inline void loop_impl::run_report() {
+  auto [name, e] = std::move(errors.front());
+  errors.pop_front();
+  call_handler(name, std::move(e));
 }
 
 // ---- The loop's destructor
@@ -2962,8 +2870,7 @@ inline void loop_impl::shut_down() {
   fd_registrations = 0;
   for (auto* q : {&ready, &running})
     for (const ready_item& it : *q)
-      if (it.run == &callback_node::run_timer || it.run == &callback_node::run_watch)
-        static_cast<callback_node*>(it.arg)->unref();
+      if (it.kind == item::timer || it.kind == item::watch) static_cast<callback_node*>(it.arg)->unref();
   // Timer and watch callbacks die with the loop, even while a callback_handle keeps its
   // node: their captures may be tied to the loop. They are moved out first and destroyed
   // after the walk, since a capture's destructor may drop another handle and free a node.
@@ -2996,37 +2903,35 @@ inline loop_impl::~loop_impl() {
 inline void callback_node::fd_ready(loop_impl& l, short ev) noexcept {
   revents = ev;
   ref();  // the ready item's
-  l.ready.push_back({&run_watch, this});
+  l.ready.push_back({item::watch, this});
   if (ev & POLLNVAL) {  // a closed fd: reported once; the loop has dropped it, or poll would spin
     active = false;
     unref();  // the registration's
   }
 }
-inline void callback_node::run_watch(void* self) {
-  auto* n = static_cast<callback_node*>(self);
-  if ((n->active || (n->revents & POLLNVAL)) && n->loop) {
+inline void callback_node::run_watch() {
+  if ((active || (revents & POLLNVAL)) && loop) {
     try {
-      n->on_fd(n->revents);
+      on_fd(revents);
     } catch (...) {
-      n->loop->report("watch", std::current_exception());
+      loop->report("watch", std::current_exception());
     }
   }
-  n->unref();
+  unref();
 }
 inline void callback_node::fire_timer(timer_owner* self, loop_impl& l) {
-  l.ready.push_back({&run_timer, static_cast<callback_node*>(self)});  // takes the heap's reference
+  l.ready.push_back({item::timer, static_cast<callback_node*>(self)});  // takes the heap's reference
 }
-inline void callback_node::run_timer(void* self) {
-  auto* n = static_cast<callback_node*>(self);
-  if (n->active && n->loop) {
-    n->active = false;
+inline void callback_node::run_timer() {
+  if (active && loop) {
+    active = false;
     try {
-      n->on_timer();
+      on_timer();
     } catch (...) {
-      n->loop->report("call_later", std::current_exception());
+      loop->report("call_later", std::current_exception());
     }
   }
-  n->unref();
+  unref();
 }
 
 inline callback_node::callback_node(loop_impl& l) noexcept : fd_owner(-1, 0), loop(&l) {
@@ -3148,8 +3053,7 @@ inline void loop_impl::job_finished(job_ctx* j) {
   j->release();
 }
 
-inline void loop_impl::run_start(void* p) {
-  auto* j = static_cast<job_ctx*>(p);
+inline void loop_impl::run_start(job_ctx* j) {
   if (j->cancelled) {  // cancelled before its body began: never run it
     std::exchange(j->root, {}).destroy();
     j->error = std::make_exception_ptr(job_cancelled{});
@@ -3216,14 +3120,16 @@ inline void finish_now(job_ctx* j) { j->loop->finish_now(j); }
 inline void report(loop_impl& l, std::string name, std::exception_ptr e) {
   l.report(std::move(name), std::move(e));
 }
-inline void reserve_start(loop_impl& l) { l.ready.push_back({&loop_impl::run_start, nullptr}); }
+inline void reserve_start(loop_impl& l) { l.ready.push_back({item::start, nullptr}); }
 inline void unreserve_start(loop_impl& l) noexcept { l.ready.pop_back(); }
 inline void commit_start(loop_impl& l, job_ctx* j) noexcept {
   l.link(j);
   l.ready.back().arg = j;
 }
 inline const std::shared_ptr<inbox>& inbox_of(loop_impl& l) noexcept { return l.box; }
-inline bool post_remote(inbox& b, std::function<void()> fn) { return b.push(std::move(fn)); }
+inline bool post_remote(inbox& b, std::function<void()> fn, const char* who) {
+  return b.push({who, std::move(fn)});
+}
 inline void submit_thread(loop_impl& l, std::shared_ptr<pool_task> work) {
   worker_pool::submit(l.pool, std::move(work));
   l.kick_pool = true;
@@ -3275,19 +3181,6 @@ inline void count_callback(loop_impl& l, bool waiting) noexcept {
     ++l.outstanding;
   else
     --l.outstanding;
-}
-inline void queue_progress(loop_impl& l, void (*deliver)(void*), std::shared_ptr<void> s) {
-  void* const p = s.get();
-  l.progress_refs.push_back(std::move(s));  // first: a queued delivery finds its state alive
-  try {
-    l.ready.push_back({deliver, p});
-  } catch (...) {
-    l.progress_refs.pop_back();
-    throw;
-  }
-}
-inline std::shared_ptr<void> take_progress_ref(loop_impl& l, const void* s) {
-  return l.take_progress_ref(s);
 }
 
 // ---- Sleeps and fd waits
@@ -3580,10 +3473,7 @@ inline void event_loop::quit() noexcept {
 inline void event_loop::post(std::function<void()> fn) {
   if (!fn) throw std::invalid_argument("coro_jobs: post of an empty function");
   const std::shared_ptr<detail::inbox> box = impl_->box;  // see quit()
-  box->push([l = impl_.get(), f = std::move(fn)]() mutable {
-    l->posted.push_back(std::move(f));
-    l->ready.push_back({&detail::loop_impl::run_posted, l});
-  });
+  box->push({"post", std::move(fn)});
 }
 inline callback_handle event_loop::call_later_impl(detail::duration delay, std::function<void()> fn) {
   auto& l = *impl_;

@@ -612,11 +612,11 @@ struct remote_item {
   std::function<void()> fn;
 };
 
-// A wait of a job that cancel() can withdraw. Every completion path clears ctx_->pending
+// A wait of a job that cancel() can withdraw. Every completion path clears ctx->pending
 // before it enqueues the job, so a job is never resumed twice for one wait.
 struct op_base {
-  job_ctx* ctx_ = nullptr;
-  std::coroutine_handle<> waiter_;
+  job_ctx* ctx = nullptr;
+  std::coroutine_handle<> waiter;
   virtual void cancel_op() noexcept = 0;
   // After cancel_op: true while the job must still wait for the op's work to stop (a thread
   // function that is running); the op then resumes the job itself, with job_cancelled.
@@ -624,7 +624,7 @@ struct op_base {
   // Blocks until that work has stopped, then lets the job go (job scopes, the destructor).
   virtual void wait_stopped() noexcept {}
   virtual const char* what() const noexcept = 0;  // for event_loop::jobs()
-  void park() noexcept;  // the job now waits on this op (ctx_->pending), since now
+  void park() noexcept;  // the job now waits on this op (ctx->pending), since now
 
  protected:
   ~op_base() = default;
@@ -762,13 +762,28 @@ struct job_ctx {
   job_extras extra;  // name, and the lambda of start_job(lambda)
   std::uint32_t refs = 0;     // handles + 1 while the frame lives
   std::uint32_t handles = 0;  // job_handle copies
-  bool started = false, cancelled = false, done = false;
-  bool error_is_cancel = false, error_seen = false;
-  // How far a cancel has reached the job's own code: job_cancelled not thrown into it yet,
-  // thrown (from then on every co_await yields to the loop before it throws, so a job that
-  // catches it in a loop cannot freeze the program), or thrown and then caught and ignored
-  // (reported once to the error handler).
-  enum class cancel_reach : std::uint8_t { not_thrown, thrown, went_on } reach = cancel_reach::not_thrown;
+  // Its life: start_job makes it `queued`; its start item makes it `running` (see
+  // run_start); job_finished makes it `ended`, when its top frame ends or is dropped unrun.
+  enum class stage : std::uint8_t { queued, running, ended } life = stage::queued;
+  // How far a cancel has reached the job's own code: cancel() makes it `requested`; the
+  // cancel_point that throws job_cancelled into the job makes it `thrown` (from then on
+  // every co_await yields to the loop before it throws, so a job that catches it in a loop
+  // cannot freeze the program); a job that then awaits again or ends normally `went_on`
+  // (note_went_on reports it once).
+  enum class cancel_reach : std::uint8_t { none, requested, thrown, went_on } reach = cancel_reach::none;
+  // Its error (`error`), set when it ends: a cancel, never reported; or an error `unseen`
+  // until result() or an awaiter sees it (observe_error) or it is reported, then `seen`.
+  enum class fault : std::uint8_t { none, cancel, unseen, seen } error_is = fault::none;
+  bool started() const noexcept { return life != stage::queued; }
+  bool done() const noexcept { return life == stage::ended; }
+  bool cancelled() const noexcept { return reach != cancel_reach::none; }
+  void request_cancel() noexcept {
+    if (reach == cancel_reach::none) reach = cancel_reach::requested;
+  }
+  void set_error(std::exception_ptr e, bool is_cancel) noexcept {
+    error = std::move(e);
+    error_is = is_cancel ? fault::cancel : fault::unseen;
+  }
   bool item_kept = false;  // loop_impl::withdraw_items only: its newest queued item is kept
 
   virtual ~job_ctx() = default;
@@ -934,8 +949,8 @@ struct cancel_point {
   enum class path : std::uint8_t { wait, throw_now, yield_then_throw } how = path::wait;
 
   bool await_ready() {
-    if (!ctx->cancelled) return a.await_ready();
-    if (ctx->reach == job_ctx::cancel_reach::not_thrown) {
+    if (!ctx->cancelled()) return a.await_ready();
+    if (ctx->reach == job_ctx::cancel_reach::requested) {
       how = path::throw_now;
       return true;
     }
@@ -953,7 +968,7 @@ struct cancel_point {
       ctx->reach = std::max(ctx->reach, job_ctx::cancel_reach::thrown);
       throw job_cancelled{};
     }
-    if (!ctx->cancelled) return a.await_resume();
+    if (!ctx->cancelled()) return a.await_resume();
     // Cancelled during the wait: the awaiter throws job_cancelled, unless what it waited for
     // had already ended (a child that returned before its own job cancelled it).
     try {
@@ -1009,7 +1024,7 @@ struct promise_base {
   template <class A>
     requires std::derived_from<std::remove_cvref_t<A>, op_base>
   cancel_point<A&> await_transform(A&& a) noexcept {
-    a.ctx_ = ctx;
+    a.ctx = ctx;
     return {a, ctx};
   }
   this_job_awaiter await_transform(this_job) noexcept { return {ctx}; }
@@ -1038,8 +1053,8 @@ struct promise_base {
 
  protected:
   void store_error(job_ctx* j) {
-    j->error = std::move(error);
-    j->error_is_cancel = is_cancellation(j->error);
+    const bool cancel = is_cancellation(error);
+    j->set_error(std::move(error), cancel);
   }
 };
 
@@ -1095,7 +1110,7 @@ struct job_awaiter {
     // has a parent, and resuming it a second time would run a frame that may be gone.
     if (child.promise().continuation)
       throw std::invalid_argument("coro_jobs: co_await of a job that is already being awaited");
-    return ctx->cancelled;
+    return ctx->cancelled();
   }
   void await_suspend(std::coroutine_handle<> parent) noexcept {
     auto& p = child.promise();
@@ -1119,25 +1134,25 @@ struct job_awaiter {
 template <class T>
 struct handle_awaiter final : handle_waiter {
   job_handle<T> h;  // keeps the awaited job's state alive while we wait
-  handle_awaiter(const job_handle<T>& hh, job_ctx* c) : h(hh) { ctx_ = c; }
+  handle_awaiter(const job_handle<T>& hh, job_ctx* c) : h(hh) { ctx = c; }
   bool await_ready() {
-    require_job(ctx_);
+    require_job(ctx);
     auto* s = access::state(h);
     if (!s) throw std::invalid_argument("coro_jobs: co_await of an empty job_handle");
-    if (s == ctx_) fail_logic("coro_jobs: a job cannot co_await its own handle");
-    if (!s->done && s->loop != ctx_->loop) fail_logic("coro_jobs: co_await of a job on another event_loop");
-    return ctx_->cancelled || s->done;
+    if (s == ctx) fail_logic("coro_jobs: a job cannot co_await its own handle");
+    if (!s->done() && s->loop != ctx->loop) fail_logic("coro_jobs: co_await of a job on another event_loop");
+    return ctx->cancelled() || s->done();
   }
   void await_suspend(std::coroutine_handle<> w) noexcept {
     auto* s = access::state(h);
-    waiter_ = w;
+    waiter = w;
     target = s;
     next = s->waiters;
     s->waiters = this;
     park();
   }
   T await_resume() {
-    if (ctx_->cancelled) throw job_cancelled{};
+    if (ctx->cancelled()) throw job_cancelled{};
     return access::state(h)->get();
   }
 };
@@ -1155,7 +1170,7 @@ struct [[nodiscard]] sleep_for {
 
 class sleep_op final : public op_base, public timer_owner {
  public:
-  sleep_op(duration d, job_ctx* ctx) noexcept : at_(d) { ctx_ = ctx; }
+  sleep_op(duration d, job_ctx* c) noexcept : at_(d) { ctx = c; }
   bool await_ready() const;
   void await_suspend(std::coroutine_handle<> h);
   duration await_resume() const;
@@ -1243,8 +1258,8 @@ struct thread_work final : pool_task {
   void arrived() {  // on the loop thread
     if (abandoned) return;  // counted out when it was abandoned
     detail::thread_returned(*loop);
-    op->ctx_->pending = nullptr;
-    detail::enqueue(*loop, op->ctx_, op->waiter_);
+    op->ctx->pending = nullptr;
+    detail::enqueue(*loop, op->ctx, op->waiter);
   }
 };
 
@@ -1253,25 +1268,25 @@ class [[nodiscard]] thread_op final : public op_base {
  public:
   thread_op(Fn fn, bool abandon) : fn_(std::move(fn)), abandon_(abandon) {}
   bool await_ready() const {
-    require_job(ctx_);
-    return ctx_->cancelled;
+    require_job(ctx);
+    return ctx->cancelled();
   }
   void await_suspend(std::coroutine_handle<> h) {
-    loop_impl& l = *ctx_->loop;
+    loop_impl& l = *ctx->loop;
     work_ = std::make_shared<thread_work<R, Fn>>(std::move(fn_), detail::inbox_of(l), &l);
     work_->op = this;
-    waiter_ = h;
+    waiter = h;
     detail::submit_thread(l, work_);
     park();
   }
   R await_resume() {
-    if (ctx_->cancelled) throw job_cancelled{};
+    if (ctx->cancelled()) throw job_cancelled{};
     return work_->result.take();
   }
   // A queued function is withdrawn and never runs. A running one is asked to stop, and the
   // job waits for it to return (holds_job), unless it was started with abandon_on_cancel.
   void cancel_op() noexcept override {
-    loop_impl& l = *ctx_->loop;
+    loop_impl& l = *ctx->loop;
     if (detail::withdraw_thread(l, work_.get())) {
       work_->abandoned = true;
       return;
@@ -1281,8 +1296,8 @@ class [[nodiscard]] thread_op final : public op_base {
   }
   bool holds_job() const noexcept override { return !work_->abandoned; }
   void wait_stopped() noexcept override {
-    detail::wait_for_thread(*ctx_->loop, ctx_, *work_);
-    let_go(*ctx_->loop, false);
+    detail::wait_for_thread(*ctx->loop, ctx, *work_);
+    let_go(*ctx->loop, false);
   }
   const char* what() const noexcept override { return "threaded_task"; }
 
@@ -1327,8 +1342,8 @@ struct callback_state : std::enable_shared_from_this<callback_state<T>> {
   void arrived() {
     uncount();
     if (cancelled) return;
-    op->ctx_->pending = nullptr;
-    detail::enqueue(*loop, op->ctx_, op->waiter_);
+    op->ctx->pending = nullptr;
+    detail::enqueue(*loop, op->ctx, op->waiter);
   }
   void called_twice() {
     detail::post_remote(*box, [l = loop] {
@@ -1372,14 +1387,14 @@ class [[nodiscard]] callback_op final : public op_base {
  public:
   explicit callback_op(Start s) : start_(std::move(s)) {}
   bool await_ready() const {
-    require_job(ctx_);
-    return ctx_->cancelled;
+    require_job(ctx);
+    return ctx->cancelled();
   }
   void await_suspend(std::coroutine_handle<> h) {
-    loop_impl& l = *ctx_->loop;
+    loop_impl& l = *ctx->loop;
     st_ = std::make_shared<callback_state<T>>(detail::inbox_of(l), &l);
     st_->op = this;
-    waiter_ = h;
+    waiter = h;
     task_return<T> ret(std::make_shared<return_token<T>>(st_));
     try {
       if constexpr (std::is_void_v<start_result>)
@@ -1395,7 +1410,7 @@ class [[nodiscard]] callback_op final : public op_base {
     park();
   }
   T await_resume() {
-    if (ctx_->cancelled) throw job_cancelled{};
+    if (ctx->cancelled()) throw job_cancelled{};
     return st_->result.take();
   }
   const char* what() const noexcept override { return "callback_task"; }
@@ -1470,7 +1485,7 @@ struct group final : op_base {
     group& g;
     bool await_ready() const noexcept { return g.left == 0 || g.stopping; }
     void await_suspend(std::coroutine_handle<> h) noexcept {
-      g.waiter_ = h;
+      g.waiter = h;
       g.suspended = true;
       g.park();
     }
@@ -1482,7 +1497,7 @@ struct group final : op_base {
     group& g;
     bool await_ready() const noexcept { return g.left == 0; }
     void await_suspend(std::coroutine_handle<> h) noexcept {
-      g.waiter_ = h;
+      g.waiter = h;
       g.suspended = true;
     }
     void await_resume() const noexcept {}
@@ -1508,23 +1523,23 @@ job<> branch(A a, group* g, std::size_t i, std::optional<V>* slot) {
     e = std::current_exception();
   }
   g->branch_done(i, std::move(e));
-  if (self->cancelled) throw job_cancelled{};  // its error, if any, went to the group
+  if (self->cancelled()) throw job_cancelled{};  // its error, if any, went to the group
 }
 
 // Starts one branch job per awaitable, named after the awaiting job.
 template <class... A, std::size_t... I>
 void start_branches(group& g, std::tuple<std::optional<await_value_t<A>>...>& slots,
                     std::index_sequence<I...>, A&... a) {
-  g.ctx_->branches = &g;  // for job_ctx::finish_now
+  g.ctx->branches = &g;  // for job_ctx::finish_now
   g.left = sizeof...(A);
   auto own_handle = [&](auto& x) {
     if constexpr (is_handle<std::remove_cvref_t<decltype(x)>>::value)
-      if (access::state(x) == g.ctx_) fail_logic("coro_jobs: a job cannot wait for its own handle");
+      if (access::state(x) == g.ctx) fail_logic("coro_jobs: a job cannot wait for its own handle");
   };
   (own_handle(a), ...);
   g.branches.reserve(sizeof...(A));  // so that no push_back below can fail once a branch runs
   auto one = [&](auto&& j, std::size_t i) {
-    auto h = start_for(g.ctx_, j, g.kind, i);
+    auto h = start_for(g.ctx, j, g.kind, i);
     job_ctx* c = access::state(h);
     ++c->refs;
     g.branches.push_back(c);
@@ -1555,11 +1570,11 @@ job<T> shield_body(A a) {
 // shielded(a) built but never awaited runs nothing.
 template <class T>
 struct [[nodiscard]] shield_awaiter {
-  struct waiter final : handle_waiter {};
+  struct shield_wait final : handle_waiter {};
   job<T> body;
   job_ctx* ctx = nullptr;  // set by await_transform
   job_handle<T> h;
-  waiter w;
+  shield_wait w;
 
   explicit shield_awaiter(job<T> b) noexcept : body(std::move(b)) {}
   shield_awaiter(shield_awaiter&& o) noexcept : body(std::move(o.body)), ctx(o.ctx) {}
@@ -1570,8 +1585,8 @@ struct [[nodiscard]] shield_awaiter {
   }
   void await_suspend(std::coroutine_handle<> hh) noexcept {
     job_ctx* s = access::state(h);
-    w.ctx_ = ctx;
-    w.waiter_ = hh;
+    w.ctx = ctx;
+    w.waiter = hh;
     w.target = s;
     w.next = s->waiters;
     s->waiters = &w;
@@ -1676,20 +1691,20 @@ job_handle<T>::~job_handle() {
 template <class T>
 bool job_handle<T>::done() const {
   if (!s_) throw std::invalid_argument("coro_jobs: done() of an empty job_handle");
-  if (!s_->done)
+  if (!s_->done())
     detail::check_thread(*s_->loop, "coro_jobs: job_handle used from a thread that does not own the loop");
-  return s_->done;
+  return s_->done();
 }
 template <class T>
 bool job_handle<T>::cancel() {
-  if (!s_ || s_->done) return false;
+  if (!s_ || s_->done()) return false;
   detail::check_thread(*s_->loop, "coro_jobs: job_handle used from a thread that does not own the loop");
   return s_->cancel();
 }
 template <class T>
 T job_handle<T>::result() {
   if (!s_) throw std::invalid_argument("coro_jobs: result() of an empty job_handle");
-  if (!s_->done) {
+  if (!s_->done()) {
     detail::check_thread(*s_->loop, "coro_jobs: job_handle used from a thread that does not own the loop");
     detail::fail_logic("coro_jobs: result() of a job that has not ended");
   }
@@ -1822,7 +1837,7 @@ template <class... A>
 job<std::tuple<await_value_t<A>...>> when_all(A... awaitables) {
   static_assert(sizeof...(A) > 0, "when_all needs at least one awaitable");
   detail::group g("when_all", false);
-  g.ctx_ = co_await detail::this_job{};
+  g.ctx = co_await detail::this_job{};
   std::tuple<std::optional<await_value_t<A>>...> slots;
   detail::start_branches(g, slots, std::index_sequence_for<A...>{}, awaitables...);
   co_await g.answer();
@@ -1838,7 +1853,7 @@ job<std::variant<await_value_t<A>...>> when_any(A... awaitables) {
   using V = std::variant<await_value_t<A>...>;
   using Slots = std::tuple<std::optional<await_value_t<A>>...>;
   detail::group g("when_any", true);
-  g.ctx_ = co_await detail::this_job{};
+  g.ctx = co_await detail::this_job{};
   Slots slots;
   detail::start_branches(g, slots, std::index_sequence_for<A...>{}, awaitables...);
   co_await g.answer();
@@ -1896,7 +1911,7 @@ job_handle<T> job_scope::adopt(job_handle<T> h) {
   if (jobs_.size() >= sweep_at_) {
     jobs_.erase(std::remove_if(jobs_.begin(), jobs_.end(),
                                [](detail::job_ctx* j) {
-                                 if (!j->done) return false;
+                                 if (!j->done()) return false;
                                  j->release();
                                  return true;
                                }),
@@ -1921,15 +1936,15 @@ std::optional<job_handle<T>> job_scope::apply_policy(const std::string& name, re
   if (policy == restart::cancel_previous) {
     std::vector<detail::job_ctx*> previous;  // held: unwinding may start jobs (see cancel_all)
     for (detail::job_ctx* old : jobs_)
-      if (!old->done && old->extra.name() == name) previous.push_back(old), ++old->refs;
+      if (!old->done() && old->extra.name() == name) previous.push_back(old), ++old->refs;
     for (detail::job_ctx* old : previous) {
-      if (!old->done) detail::finish_now(old);
+      if (!old->done()) detail::finish_now(old);
       old->release();
     }
     return std::nullopt;
   }
   for (detail::job_ctx* old : jobs_) {
-    if (old->done || old->extra.name() != name) continue;
+    if (old->done() || old->extra.name() != name) continue;
     if (old->type() != &detail::type_tag<T>)
       detail::fail_logic("coro_jobs: job_scope: a running job of that name has another result type");
     auto* s = static_cast<detail::job_state<T>*>(old);
@@ -2389,7 +2404,7 @@ inline void loop_impl::withdraw_items(job_ctx** first, job_ctx** last) noexcept 
     for (auto it = q->rbegin(); it != q->rend(); ++it) {
       job_ctx* const j = ours(*it);
       if (!j) continue;
-      const bool due = it->kind == item::start ? !j->started && !j->done
+      const bool due = it->kind == item::start ? !j->started() && !j->done()
                                                : j->resume_at && !std::exchange(j->item_kept, true);
       if (!due) *it = {item::skip, nullptr};
     }
@@ -2824,8 +2839,8 @@ inline void loop_impl::shut_down() {
   // Every wait is cancelled first, so that all running thread functions are asked to stop
   // at once; then each is waited for before its job's frame dies (as std::jthread joins).
   for (job_ctx* j = jobs; j; j = j->next) {
-    if (j->done) continue;
-    j->cancelled = true;
+    if (j->done()) continue;
+    j->request_cancel();
     if (op_base* p = std::exchange(j->pending, nullptr)) {
       p->cancel_op();
       if (p->holds_job()) j->pending = p;
@@ -2834,7 +2849,7 @@ inline void loop_impl::shut_down() {
   pool->stop();  // queued thread functions never run
   while (job_ctx* j = jobs) {
     unlink(j);
-    if (j->done) {  // ended with an error a handle may still read
+    if (j->done()) {  // ended with an error a handle may still read
       j->loop = nullptr;
       continue;
     }
@@ -2845,9 +2860,8 @@ inline void loop_impl::shut_down() {
     }
     if (j->root) std::exchange(j->root, {}).destroy();
     j->extra.drop_maker();
-    j->error = std::make_exception_ptr(job_cancelled{});
-    j->error_is_cancel = true;
-    j->done = true;
+    j->set_error(std::make_exception_ptr(job_cancelled{}), true);
+    j->life = job_ctx::stage::ended;
     j->waiters = nullptr;
     j->loop = nullptr;
     j->release();
@@ -2957,20 +2971,20 @@ inline void callback_node::unref() noexcept {
 }
 
 inline void op_base::park() noexcept {
-  ctx_->pending = this;
-  ctx_->since = ctx_->loop->now;
+  ctx->pending = this;
+  ctx->since = ctx->loop->now;
 }
 
 inline bool job_ctx::cancel() noexcept {
-  if (done) return false;
-  cancelled = true;
+  if (done()) return false;
+  request_cancel();
   if (op_base* p = pending) {
     pending = nullptr;
     p->cancel_op();
     if (p->holds_job())
       pending = p;  // a thread function still runs: p resumes the job when it returns
     else
-      loop->enqueue(this, p->waiter_);
+      loop->enqueue(this, p->waiter);
   }
   return true;
 }
@@ -2996,16 +3010,16 @@ inline void loop_impl::finish_now(job_ctx* const* first, job_ctx* const* last) {
     }
   } hold{*this, held};
   auto list_branches = [&held](job_ctx* p) {
-    if (!p->started || p->done || !p->branches) return;
+    if (!p->started() || p->done() || !p->branches) return;
     for (job_ctx* b : p->branches->branches) {
-      if (b->done) continue;
+      if (b->done()) continue;
       held.push_back(b);
       ++b->refs;
     }
   };
   for (; first != last; ++first) {
     job_ctx* const j = *first;
-    if (j->done) continue;
+    if (j->done()) continue;
     j->cancel();  // reaches every branch below it (see group::stop)
     if (j == current) continue;  // it is running (it closed its own scope): it ends at its next await
     const std::size_t top = held.size();
@@ -3016,32 +3030,32 @@ inline void loop_impl::finish_now(job_ctx* const* first, job_ctx* const* last) {
   }
 }
 inline void loop_impl::finish_one(job_ctx* j) {
-  if (j->done || j == current) return;
+  if (j->done() || j == current) return;
   j->cancel();  // done already, unless something changed since (it costs nothing then)
-  if (!j->started) return run_start(j);  // never runs its body; its start item is withdrawn
+  if (!j->started()) return run_start(j);  // never runs its body; its start item is withdrawn
   if (op_base* p = j->pending) {  // its thread function runs: wait until it has returned
     p->wait_stopped();
     j->pending = nullptr;
-    enqueue(j, p->waiter_);
+    enqueue(j, p->waiter);
   }
   // A cancelled job's awaits throw, so this ends; unless the job catches job_cancelled
   // and goes on, and then it is the loop's to run (it was reported), not ours.
-  while (!j->done && j->resume_at && j->reach != job_ctx::cancel_reach::went_on) resume_job(j);
+  while (!j->done() && j->resume_at && j->reach != job_ctx::cancel_reach::went_on) resume_job(j);
 }
 
 // The top frame has ended (or was dropped unstarted): wake handle awaiters, report an error
 // that nobody can retrieve any more, and drop the frame's reference.
 inline void loop_impl::job_finished(job_ctx* j) {
-  j->done = true;
+  j->life = job_ctx::stage::ended;
   if (!j->error && j->reach == job_ctx::cancel_reach::thrown) note_went_on(j);  // ended normally
   j->extra.drop_maker();
   for (handle_waiter* w = std::exchange(j->waiters, nullptr); w; w = w->next) {
-    w->ctx_->pending = nullptr;
-    enqueue(w->ctx_, w->waiter_);
+    w->ctx->pending = nullptr;
+    enqueue(w->ctx, w->waiter);
   }
-  const bool unseen_error = j->error && !j->error_is_cancel;
+  const bool unseen_error = j->error_is == job_ctx::fault::unseen;
   if (unseen_error && j->handles == 0) {
-    j->error_seen = true;
+    j->error_is = job_ctx::fault::seen;
     report(j->extra.name_or_job(), j->error);
   }
   // A finished job with an error still to be seen stays listed, so that the loop can
@@ -3054,14 +3068,13 @@ inline void loop_impl::job_finished(job_ctx* j) {
 }
 
 inline void loop_impl::run_start(job_ctx* j) {
-  if (j->cancelled) {  // cancelled before its body began: never run it
+  if (j->cancelled()) {  // cancelled before its body began: never run it
     std::exchange(j->root, {}).destroy();
-    j->error = std::make_exception_ptr(job_cancelled{});
-    j->error_is_cancel = true;
+    j->set_error(std::make_exception_ptr(job_cancelled{}), true);
     j->loop->job_finished(j);
     return;
   }
-  j->started = true;
+  j->life = job_ctx::stage::running;
   loop_impl* l = j->loop;  // j may be gone when resume() returns
   job_ctx* const outer = std::exchange(l->current, j);
   l->resume(j->root);
@@ -3081,8 +3094,8 @@ inline void note_went_on(job_ctx* j) {
 
 // A job's error is seen by result() or an awaiter: it need not be reported any more.
 inline void observe_error(job_ctx* j) noexcept {
-  j->error_seen = true;
-  if (j->done && j->loop) {
+  if (j->error_is == job_ctx::fault::unseen) j->error_is = job_ctx::fault::seen;
+  if (j->done() && j->loop) {
     j->loop->unlink(j);
     j->loop = nullptr;
   }
@@ -3096,8 +3109,8 @@ inline void job_ctx::rethrow_if_error() {
 }
 
 inline void drop_handle(job_ctx* s) {
-  if (--s->handles == 0 && s->done && s->error && !s->error_is_cancel && !s->error_seen) {
-    s->error_seen = true;
+  if (--s->handles == 0 && s->done() && s->error_is == job_ctx::fault::unseen) {
+    s->error_is = job_ctx::fault::seen;
     if (loop_impl* l = s->loop) {
       l->report(s->extra.name_or_job(), s->error);
       l->unlink(s);
@@ -3186,16 +3199,16 @@ inline void count_callback(loop_impl& l, bool waiting) noexcept {
 // ---- Sleeps and fd waits
 
 inline bool sleep_op::await_ready() const {
-  require_job(ctx_);
-  return ctx_->cancelled;
+  require_job(ctx);
+  return ctx->cancelled();
 }
 inline void sleep_op::await_suspend(std::coroutine_handle<> h) {
-  loop_impl& l = *ctx_->loop;
-  waiter_ = h;
+  loop_impl& l = *ctx->loop;
+  waiter = h;
   const duration d = at_.time_since_epoch();
   if (d <= duration::zero()) {  // a plain yield: the next iteration, no timer, no clock read
     at_ = l.now;
-    l.enqueue(ctx_, h);
+    l.enqueue(ctx, h);
     return;
   }
   // The real clock, not the iteration's cached one, so the sleep can never end early.
@@ -3204,54 +3217,54 @@ inline void sleep_op::await_suspend(std::coroutine_handle<> h) {
   park();
 }
 inline duration sleep_op::await_resume() const {
-  if (ctx_->cancelled) throw job_cancelled{};
-  return ctx_->loop->now - at_;
+  if (ctx->cancelled()) throw job_cancelled{};
+  return ctx->loop->now - at_;
 }
-inline void sleep_op::cancel_op() noexcept { ctx_->loop->remove_timer(this); }
+inline void sleep_op::cancel_op() noexcept { ctx->loop->remove_timer(this); }
 inline const char* sleep_op::what() const noexcept { return "sleep_task"; }
 inline void sleep_op::fire(timer_owner* self, loop_impl& l) {
   auto* op = static_cast<sleep_op*>(self);
-  op->ctx_->pending = nullptr;
-  l.enqueue(op->ctx_, op->waiter_);
+  op->ctx->pending = nullptr;
+  l.enqueue(op->ctx, op->waiter);
 }
 
 inline bool fd_op::await_ready() const {
-  require_job(ctx_);
-  if (ctx_->cancelled) return true;
+  require_job(ctx);
+  if (ctx->cancelled()) return true;
   if (fd < 0 || ::fcntl(fd, F_GETFD) == -1)
     throw std::system_error(EBADF, std::generic_category(), "coro_jobs: wait on a bad fd");
   return false;
 }
 inline void fd_op::await_suspend(std::coroutine_handle<> h) {
-  waiter_ = h;
-  ctx_->loop->add_fd(this);
+  waiter = h;
+  ctx->loop->add_fd(this);
   park();
 }
 inline short fd_op::await_resume() const {
-  if (ctx_->cancelled) throw job_cancelled{};
+  if (ctx->cancelled()) throw job_cancelled{};
   if (revents_ & POLLNVAL)
     throw std::system_error(EBADF, std::generic_category(), "coro_jobs: fd closed while waited on");
   return revents_;
 }
-inline void fd_op::cancel_op() noexcept { ctx_->loop->remove_fd(this); }
+inline void fd_op::cancel_op() noexcept { ctx->loop->remove_fd(this); }
 inline const char* fd_op::what() const noexcept {
   return events & POLLIN ? "wait_readable" : "wait_writable";
 }
 inline void fd_op::fd_ready(loop_impl& l, short ev) noexcept {
   revents_ = ev;  // one-shot: the loop has dropped the wait
-  ctx_->pending = nullptr;
-  l.enqueue(ctx_, waiter_);
+  ctx->pending = nullptr;
+  l.enqueue(ctx, waiter);
 }
 
 inline group::group(const char* k, bool a) noexcept : kind(k), any(a) {}
 inline group::~group() {
   if (listed)  // defensive: a stop still on its way (a canceller that ran jobs could do that)
-    for (group** p = &ctx_->loop->stop_list; *p; p = &(*p)->stop_next)
+    for (group** p = &ctx->loop->stop_list; *p; p = &(*p)->stop_next)
       if (*p == this) {
         *p = stop_next;
         break;
       }
-  if (ctx_ && ctx_->branches == this) ctx_->branches = nullptr;
+  if (ctx && ctx->branches == this) ctx->branches = nullptr;
   for (job_ctx* b : branches) b->release();
 }
 inline const char* group::what() const noexcept { return kind; }
@@ -3268,7 +3281,7 @@ inline const char* group::what() const noexcept { return kind; }
 inline void group::stop() noexcept {
   if (stopping) return;  // its branches are cancelled, or on their way
   stopping = true;
-  loop_impl& l = *ctx_->loop;
+  loop_impl& l = *ctx->loop;
   stop_next = std::exchange(l.stop_list, this);
   listed = true;
   if (l.stopping_groups) return;  // a stop further out is working through the list
@@ -3281,17 +3294,17 @@ inline void group::stop() noexcept {
       continue;
     }
     job_ctx* const b = g->branches[g->stop_at++];
-    if (b->done || b->cancelled) continue;
-    const bool unstarted = !b->started;
+    if (b->done() || b->cancelled()) continue;
+    const bool unstarted = !b->started();
     b->cancel();
     if (unstarted) --g->left;
   }
   l.stopping_groups = false;
 }
 inline void group::stopped() noexcept {
-  if (std::exchange(holding, false) && ctx_->pending == this) {
-    ctx_->pending = nullptr;
-    ctx_->loop->enqueue(ctx_, waiter_);
+  if (std::exchange(holding, false) && ctx->pending == this) {
+    ctx->pending = nullptr;
+    ctx->loop->enqueue(ctx, waiter);
   }
   if (left == 0) wake();  // unstarted branches ended just now (a no-op unless it waits)
 }
@@ -3305,8 +3318,8 @@ inline void group::cancel_op() noexcept {  // the awaiting job was cancelled
 inline void group::wake() {
   if (!suspended) return;
   suspended = false;
-  ctx_->pending = nullptr;
-  ctx_->loop->enqueue(ctx_, waiter_);
+  ctx->pending = nullptr;
+  ctx->loop->enqueue(ctx, waiter);
 }
 // A branch's last act (its body's end).
 inline void group::branch_done(std::size_t i, std::exception_ptr e) {
@@ -3318,12 +3331,12 @@ inline void group::branch_done(std::size_t i, std::exception_ptr e) {
     stop();
     wake();
   } else if (e && !cancel) {  // a second failure while stopping: never lost
-    ctx_->loop->report(kind, std::move(e));
+    ctx->loop->report(kind, std::move(e));
   }
   if (left == 0) wake();
 }
 inline void group::rethrow() {
-  if (ctx_->cancelled) throw job_cancelled{};
+  if (ctx->cancelled()) throw job_cancelled{};
   if (error) std::rethrow_exception(error);
 }
 
@@ -3506,7 +3519,7 @@ inline loop_stats event_loop::stats() const {
   const auto& l = *impl_;
   l.check_thread("coro_jobs: event_loop::stats called from a thread that does not own the loop");
   std::size_t jobs = 0;
-  for (const detail::job_ctx* j = l.jobs; j; j = j->next) jobs += !j->done;
+  for (const detail::job_ctx* j = l.jobs; j; j = j->next) jobs += !j->done();
   return {jobs, l.timers.size(), l.fd_registrations, l.outstanding, l.ready.size(), l.iterations,
           l.polls};
 }
@@ -3516,9 +3529,9 @@ inline std::vector<job_info> event_loop::jobs() const {
   const auto t = l.clock();
   std::vector<job_info> out;
   for (const detail::job_ctx* j = l.jobs; j; j = j->next) {
-    if (j->done) continue;
+    if (j->done()) continue;
     job_info i{j->extra.full_name(), "waiting", "", {}};
-    if (!j->started)
+    if (!j->started())
       i.state = "not started";
     else if (j == l.current)
       i.state = "running";
@@ -3596,7 +3609,7 @@ inline job_scope::~job_scope() {
 inline std::size_t job_scope::size() {
   check_thread("coro_jobs: job_scope::size called from a thread that does not own the loop");
   std::size_t n = 0;
-  for (detail::job_ctx* j : jobs_) n += !j->done;
+  for (detail::job_ctx* j : jobs_) n += !j->done();
   return n;
 }
 inline std::size_t job_scope::cancel_all() {
@@ -3613,7 +3626,7 @@ inline std::size_t job_scope::cancel_all() {
       for (detail::job_ctx* j : v) j->release();
     }
   } release{snapshot};
-  const auto n = std::size_t(std::count_if(snapshot.begin(), snapshot.end(), [](auto* j) { return !j->done; }));
+  const auto n = std::size_t(std::count_if(snapshot.begin(), snapshot.end(), [](auto* j) { return !j->done(); }));
   if (n > 0)  // else the loop may be gone (it ended them all): do not touch it
     loop_->finish_now(snapshot.data(), snapshot.data() + snapshot.size());
   return n;

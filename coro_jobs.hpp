@@ -554,11 +554,15 @@ class job_scope {
   void check_thread(const char* what) const;
 };
 
+
 // ======================================================================================
-//              DETAIL: jobs, tasks and what they need (compiled in every file)
+//                          IMPLEMENTATION, from the bottom up
 // ======================================================================================
 
 namespace detail {
+
+// --- Clock and durations --------------------------------------------------------------
+
 
 using clock_type = std::chrono::steady_clock;
 using time_point = clock_type::time_point;
@@ -586,7 +590,8 @@ inline time_point deadline_after(time_point now, duration d) noexcept {
   return now + d;
 }
 
-// --- Work items -------------------------------------------------------------------------
+
+// --- The ready queue -------------------------------------------------------------------------
 
 // One entry of the ready queue, two words: the hot path of every job switch.
 enum class item : std::uint8_t {
@@ -612,42 +617,7 @@ struct remote_item {
   std::function<void()> fn;
 };
 
-// A wait of a job that cancel() can withdraw. Every completion path clears ctx->pending
-// before it enqueues the job, so a job is never resumed twice for one wait.
-struct op_base {
-  job_ctx* ctx = nullptr;
-  std::coroutine_handle<> waiter;
-  virtual void cancel_op() noexcept = 0;
-  // After cancel_op: true while the job must still wait for the op's work to stop (a thread
-  // function that is running); the op then resumes the job itself, with job_cancelled.
-  virtual bool holds_job() const noexcept { return false; }
-  // Blocks until that work has stopped, then lets the job go (job scopes, the destructor).
-  virtual void wait_stopped() noexcept {}
-  virtual const char* what() const noexcept = 0;  // for event_loop::jobs()
-  void park() noexcept;  // the job now waits on this op (ctx->pending), since now
-
- protected:
-  ~op_base() = default;
-};
-
-// One thread function on its way through the pool. The task is also the state the worker
-// and the awaiting job share, so a threaded_task costs one allocation (plus its completion's
-// trip through the inbox), not one per layer.
-struct pool_task {
-  virtual void run(std::shared_ptr<pool_task>& self) = 0;  // on a worker
-  // Set once the function has returned and its captures are destroyed (or the pool dropped
-  // it unrun). A cancelled job waits for it, so nothing the function touches dies first.
-  std::atomic<bool> returned{false};
-  void mark_returned() noexcept {
-    returned.store(true, std::memory_order_release);
-    returned.notify_all();
-  }
-
- protected:
-  ~pool_task() = default;
-};
-
-// --- Timers, watches ----------------------------------------------------------------------
+// --- Timers and fds ----------------------------------------------------------------------
 
 // One wait (fd_op) or watch (callback_node) on an fd. The loop polls each fd through one
 // pollfd entry however many owners it has (ppoll fails with EINVAL given more entries than
@@ -676,1306 +646,49 @@ struct timer_owner {
   std::size_t timer_slot = not_queued;
 };
 
-// --- Jobs -------------------------------------------------------------------------------
-
-// While a job awaits a child, the awaiter (in the parent's frame) links the child's handle
-// into the job's chain, so the loop's destructor can destroy the frames innermost first
-// instead of recursing through 100,000 nested destructors.
-struct child_link {
-  void* slot;                  // the awaited job object's coroutine handle
-  void (*destroy)(void* slot);  // destroys that frame and empties the handle
-  child_link* outer;
-};
-
-// What start_job(lambda) keeps alive for the job's lifetime: the lambda and its captures.
-struct maker_base {
-  virtual ~maker_base() = default;
-};
-template <class F>
-struct maker_box final : maker_base {
-  F f;
-  explicit maker_box(F&& x) : f(std::move(x)) {}
-  explicit maker_box(const F& x) : f(x) {}
-};
-
-// What few jobs have, behind one pointer: a name, and the lambda that start_job(lambda)
-// keeps alive. A million unnamed sleeping jobs should not carry 40 empty bytes each
-// (bench W2).
-// A branch of when_all/when_any (or a shielded wait's job) is named after the job it
-// serves, "<parent>/when_all[i]" ("<parent>/shielded"), but stores only that job and its
-// own place: the full name is built when asked for (an error, the watchdog, jobs()). Copied
-// at every level, 8,000 nested with_timeouts held 1.2 GB of names. The branch holds a
-// reference to its parent (see job_ctx::release), so the chain can always be walked.
-class job_extras {
-  struct data {
-    std::string name;
-    std::unique_ptr<maker_base> maker;
-    job_ctx* parent = nullptr;   // a branch's or shielded job's: the job it serves
-    const char* kind = nullptr;  // then "when_all", "when_any" or "shielded"
-    std::size_t index = 0;       // a branch's place in its when_all/when_any
-  };
-  std::unique_ptr<data> d_;
-  data& get() {
-    if (!d_) d_ = std::make_unique<data>();
-    return *d_;
-  }
-
- public:
-  void set_name(std::string n) {
-    if (!n.empty()) get().name = std::move(n);
-  }
-  void set_maker(std::unique_ptr<maker_base> m) { get().maker = std::move(m); }
-  // Named "<parent's name>/<kind>[index]", or "<parent's name>/<kind>" with no index.
-  void set_parent(job_ctx* parent, const char* kind, std::optional<std::size_t> index) {
-    data& d = get();
-    d.parent = parent;
-    d.kind = kind;
-    d.index = index.value_or(std::size_t(-1));
-  }
-  job_ctx* parent() const noexcept { return d_ ? d_->parent : nullptr; }
-  void drop_maker() noexcept {
-    if (d_) d_->maker.reset();
-  }
-  // The name given to start_job (empty for a branch: see full_name).
-  std::string_view name() const noexcept { return d_ ? std::string_view(d_->name) : std::string_view(); }
-  std::string full_name() const;  // the name given, or a branch's built one; may be empty
-  std::string name_or_job() const {
-    std::string n = full_name();
-    return n.empty() ? std::string("job") : n;
+// A timer entry fires by calling fire(owner, loop) when its deadline is due. `seq` breaks
+// ties so that equal deadlines fire in the order they were set.
+struct timer_entry {
+  time_point deadline;
+  std::uint64_t seq;
+  void (*fire)(timer_owner*, loop_impl&);
+  timer_owner* owner;
+  friend bool operator>(const timer_entry& a, const timer_entry& b) noexcept {
+    return a.deadline != b.deadline ? a.deadline > b.deadline : a.seq > b.seq;
   }
 };
 
-// What one started job shares among its frames (root and children) and its handles.
-struct job_ctx {
-  loop_impl* loop = nullptr;
-  loop_impl* home = nullptr;  // the loop it was started on; never changes (see drop_handle_elsewhere)
-  std::thread::id owner;      // that loop's thread
-  op_base* pending = nullptr;       // the cancellable wait the job is suspended on, if any
-  group* branches = nullptr;        // a when_all/when_any whose branches it owns, if any
-  child_link* innermost = nullptr;  // the chain of children being awaited
-  std::coroutine_handle<> root;     // the top frame, until it ends
-  std::coroutine_handle<> resume_at;  // the frame to resume when its ready item runs
-  time_point since{};               // when the current wait began (for event_loop::jobs())
-  job_ctx *prev = nullptr, *next = nullptr;  // the loop's list of live jobs
-  handle_waiter* waiters = nullptr;  // jobs awaiting a handle of this one
-  std::exception_ptr error;
-  job_extras extra;  // name, and the lambda of start_job(lambda)
-  std::uint32_t refs = 0;     // handles + 1 while the frame lives
-  std::uint32_t handles = 0;  // job_handle copies
-  // Its life: start_job makes it `queued`; its start item makes it `running` (see
-  // run_start); job_finished makes it `ended`, when its top frame ends or is dropped unrun.
-  enum class stage : std::uint8_t { queued, running, ended } life = stage::queued;
-  // How far a cancel has reached the job's own code: cancel() makes it `requested`; the
-  // cancel_point that throws job_cancelled into the job makes it `thrown` (from then on
-  // every co_await yields to the loop before it throws, so a job that catches it in a loop
-  // cannot freeze the program); a job that then awaits again or ends normally `went_on`
-  // (note_went_on reports it once).
-  enum class cancel_reach : std::uint8_t { none, requested, thrown, went_on } reach = cancel_reach::none;
-  // Its error (`error`), set when it ends: a cancel, never reported; or an error `unseen`
-  // until result() or an awaiter sees it (observe_error) or it is reported, then `seen`.
-  enum class fault : std::uint8_t { none, cancel, unseen, seen } error_is = fault::none;
-  bool started() const noexcept { return life != stage::queued; }
-  bool done() const noexcept { return life == stage::ended; }
-  bool cancelled() const noexcept { return reach != cancel_reach::none; }
-  void request_cancel() noexcept {
-    if (reach == cancel_reach::none) reach = cancel_reach::requested;
-  }
-  void set_error(std::exception_ptr e, bool is_cancel) noexcept {
-    error = std::move(e);
-    error_is = is_cancel ? fault::cancel : fault::unseen;
-  }
-  bool item_kept = false;  // loop_impl::withdraw_items only: its newest queued item is kept
 
-  virtual ~job_ctx() = default;
-  // Its result type's tag (type_tag<T>): what dynamic_cast would tell, without RTTI.
-  virtual const void* type() const noexcept = 0;
-  bool cancel() noexcept;
-  // A branch's state holds a reference to its parent's: the last release of a chain of
-  // them walks up in this loop, not by recursion.
-  void release() noexcept {
-    for (job_ctx* j = this; j && --j->refs == 0;) {
-      job_ctx* const up = j->extra.parent();
-      delete j;
-      j = up;
-    }
-  }
-  void rethrow_if_error();
-};
+// --- Threads: the inbox and the worker pool ------------------------------------------
 
-// Walks up to the first job with a name of its own (or none: "job"), then appends each
-// level's "/kind[i]" on the way back down: O(depth), only when a name is asked for.
-inline std::string job_extras::full_name() const {
-  if (!d_ || !d_->parent) return d_ ? d_->name : std::string();
-  std::vector<const data*> levels;
-  const job_extras* e = this;
-  for (; e->d_ && e->d_->parent; e = &e->d_->parent->extra) levels.push_back(e->d_.get());
-  std::string n = e->d_ && !e->d_->name.empty() ? e->d_->name : std::string("job");
-  for (auto it = levels.rbegin(); it != levels.rend(); ++it) {
-    n += '/';
-    n += (*it)->kind;
-    if ((*it)->index != std::size_t(-1)) n += "[" + std::to_string((*it)->index) + "]";
-  }
-  return n;
+inline unsigned usable_cpus() noexcept {
+#ifdef __linux__
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (::sched_getaffinity(0, sizeof set, &set) == 0 && CPU_COUNT(&set) > 0) return unsigned(CPU_COUNT(&set));
+#endif
+  const unsigned hw = std::thread::hardware_concurrency();
+  return hw ? hw : 1;
 }
 
-template <class T> inline constexpr char type_tag = 0;  // one address per T, in every file
 
-template <class T>
-struct job_state final : job_ctx {
-  std::optional<T> value;
-  bool taken = false;
-  const void* type() const noexcept override { return &type_tag<T>; }
-  T get() {
-    rethrow_if_error();
-    if constexpr (std::is_copy_constructible_v<T>) {
-      return *value;
-    } else {
-      if (taken) fail_logic("coro_jobs: the move-only result of this job was already taken");
-      taken = true;
-      return std::move(*value);
-    }
-  }
-};
-template <>
-struct job_state<void> final : job_ctx {
-  const void* type() const noexcept override { return &type_tag<void>; }
-  void get() { rethrow_if_error(); }
-};
-
-// --- What jobs and tasks ask of the loop
-// The templates below call these functions (and the declared-only members of job_ctx,
-// op_base, sleep_op, fd_op and group), defined inline with the loop further down.
-inline void check_thread(loop_impl& l, const char* what);  // logic_error off the owner
-inline event_loop& event_loop_of(loop_impl& l) noexcept;
-inline event_loop& current_loop();  // running on this thread, else the newest made on it
-inline void resume_next(loop_impl& l, std::coroutine_handle<> h) noexcept;  // loop_impl::resume()
-inline void enqueue(loop_impl& l, job_ctx* j, std::coroutine_handle<> h);  // resume h
-inline void job_finished(job_ctx* j);  // its top frame has ended
-inline void note_went_on(job_ctx* j);  // it caught job_cancelled and went on: report once
-inline void finish_now(job_ctx* j);    // cancel it and finish its unwinding now
-inline void report(loop_impl& l, std::string name, std::exception_ptr e);  // to the handler
-inline void drop_handle(job_ctx* s);  // the last handle reports an unseen error
-inline void drop_handle_elsewhere(job_ctx* s) noexcept;  // off the owner thread
-// start_job in three steps: reserve the ready slot (may throw); give it back if the state
-// cannot be made; or commit: list the job and fill its slot.
-inline void reserve_start(loop_impl& l);
-inline void unreserve_start(loop_impl& l) noexcept;
-inline void commit_start(loop_impl& l, job_ctx* j) noexcept;
-// Thread functions and callbacks: the inbox is how other threads reach the loop.
-inline const std::shared_ptr<inbox>& inbox_of(loop_impl& l) noexcept;
-inline bool post_remote(inbox& b, std::function<void()> fn, const char* who = nullptr);  // any thread
-inline void submit_thread(loop_impl& l, std::shared_ptr<pool_task> work);
-inline void thread_returned(loop_impl& l) noexcept;  // its completion arrived
-inline bool withdraw_thread(loop_impl& l, pool_task* t) noexcept;  // still queued: never runs
-inline void abandon_thread(loop_impl& l, std::shared_ptr<pool_task> t) noexcept;  // may still run
-// Blocks until t's function has returned; the watchdog names j if that holds the loop.
-inline void wait_for_thread(loop_impl& l, job_ctx* j, const pool_task& t) noexcept;
-inline unsigned usable_cpus() noexcept;  // CPUs this thread may run on (its affinity mask)
-inline void count_callback(loop_impl& l, bool waiting) noexcept;  // a callback task
-
-struct access {
-  template <class T> static auto& handle(job<T>& j) noexcept { return j.h_; }
-  template <class T> static auto& state(job_handle<T>& h) noexcept { return h.s_; }
-  template <class T> static job<T> make_job(std::coroutine_handle<job_promise<T>> h) noexcept {
-    return job<T>(h);
-  }
-  static loop_impl& impl(event_loop& l) noexcept { return *l.impl_; }
-  static callback_handle make_handle(callback_node* n) noexcept;
-  static callback_node* node(const callback_handle& h) noexcept { return h.n_; }
-};
-
-// A job awaiting a job_handle: queued on the target job until it ends.
-struct handle_waiter : op_base {
-  job_ctx* target = nullptr;
-  handle_waiter* next = nullptr;
-  const char* what() const noexcept override { return "job_handle"; }
-  void cancel_op() noexcept override {
-    for (handle_waiter** p = &target->waiters; *p; p = &(*p)->next) {
-      if (*p == this) {
-        *p = next;
-        break;
-      }
-    }
+// One thread function on its way through the pool. The task is also the state the worker
+// and the awaiting job share, so a threaded_task costs one allocation (plus its completion's
+// trip through the inbox), not one per layer.
+struct pool_task {
+  virtual void run(std::shared_ptr<pool_task>& self) = 0;  // on a worker
+  // Set once the function has returned and its captures are destroyed (or the pool dropped
+  // it unrun). A cancelled job waits for it, so nothing the function touches dies first.
+  std::atomic<bool> returned{false};
+  void mark_returned() noexcept {
+    returned.store(true, std::memory_order_release);
+    returned.notify_all();
   }
 
  protected:
-  ~handle_waiter() = default;
+  ~pool_task() = default;
 };
 
-// --- Promise and awaiters -----------------------------------------------------------------
-
-template <class T> struct always_false : std::false_type {};
-
-template <class A>
-concept internal_awaiter = std::remove_cvref_t<A>::coro_jobs_internal;
-
-// co_await this_job{} inside a job yields its job_ctx (for when_all and friends).
-struct this_job {};
-struct this_job_awaiter {
-  job_ctx* ctx;
-  bool await_ready() const noexcept { return true; }
-  void await_suspend(std::coroutine_handle<>) const noexcept {}
-  job_ctx* await_resume() const noexcept { return ctx; }
-};
-template <class T> struct is_handle : std::false_type {};
-template <class T> struct is_handle<job_handle<T>> : std::true_type {};
-
-inline void require_job(job_ctx* ctx) {
-  if (!ctx) fail_logic("coro_jobs: tasks can only be co_awaited inside a coro_jobs::job");
-}
-
-template <class T> struct job_awaiter;
-template <class T> struct handle_awaiter;
-
-inline bool is_cancellation(const std::exception_ptr& e) noexcept {
-  try {
-    std::rethrow_exception(e);
-  } catch (const job_cancelled&) {
-    return true;
-  } catch (...) {
-    return false;
-  }
-}
-
-// The one place that decides what cancellation does to a co_await in a job's code. Before
-// job_cancelled has been thrown into the job, a cancelled job's co_await throws it at once
-// (or, if the wait was already under way, the wait was withdrawn and resumes throwing it).
-// After that, each later co_await first yields to the loop, then throws: a job that catches
-// job_cancelled and goes on cannot hold the loop, and it is reported once (note_went_on).
-template <class A>  // an awaiter, or a reference to a task that is its own awaiter
-struct cancel_point {
-  A a;
-  job_ctx* ctx;
-  enum class path : std::uint8_t { wait, throw_now, yield_then_throw } how = path::wait;
-
-  bool await_ready() {
-    if (!ctx->cancelled()) return a.await_ready();
-    if (ctx->reach == job_ctx::cancel_reach::requested) {
-      how = path::throw_now;
-      return true;
-    }
-    detail::note_went_on(ctx);
-    how = path::yield_then_throw;
-    return false;
-  }
-  void await_suspend(std::coroutine_handle<> h) {
-    static_assert(std::is_void_v<decltype(a.await_suspend(h))>);
-    if (how == path::yield_then_throw) return detail::enqueue(*ctx->loop, ctx, h);
-    a.await_suspend(h);
-  }
-  decltype(auto) await_resume() {
-    if (how != path::wait) {
-      ctx->reach = std::max(ctx->reach, job_ctx::cancel_reach::thrown);
-      throw job_cancelled{};
-    }
-    if (!ctx->cancelled()) return a.await_resume();
-    // Cancelled during the wait: the awaiter throws job_cancelled, unless what it waited for
-    // had already ended (a child that returned before its own job cancelled it).
-    try {
-      return a.await_resume();
-    } catch (const job_cancelled&) {
-      ctx->reach = std::max(ctx->reach, job_ctx::cancel_reach::thrown);
-      throw;
-    }
-  }
-};
-
-struct final_awaiter {
-  bool await_ready() noexcept { return false; }
-  // A child hands control to its parent through the loop's resume() (no stack growth
-  // however long the chain). The top frame hands its result to the job state and
-  // destroys itself.
-  template <class P>
-  void await_suspend(std::coroutine_handle<P> h) noexcept {
-    P& p = h.promise();
-    job_ctx* j = p.ctx;
-    if (p.continuation) {
-      detail::resume_next(*j->loop, p.continuation);
-      return;
-    }
-    p.store_result();
-    j->root = {};
-    h.destroy();
-    detail::job_finished(j);
-  }
-  void await_resume() noexcept {}
-};
-
-struct promise_base {
-  job_ctx* ctx = nullptr;                // the started job this frame runs for
-  std::coroutine_handle<> continuation;  // the parent frame; null for the top frame
-  std::exception_ptr error;
-
-  std::suspend_always initial_suspend() noexcept { return {}; }
-  final_awaiter final_suspend() noexcept { return {}; }
-  void unhandled_exception() noexcept { error = std::current_exception(); }
-
-  // Every wait of a job's own code goes through a cancel_point, which decides what a
-  // cancel does to it; the library's internal waits (this_job, shielded, when_all's) do not.
-  template <class U> cancel_point<job_awaiter<U>> await_transform(job<U>&& j) noexcept {
-    return {job_awaiter<U>(j, ctx), ctx};
-  }
-  template <class U> cancel_point<job_awaiter<U>> await_transform(job<U>& j) noexcept {
-    return {job_awaiter<U>(j, ctx), ctx};
-  }
-  template <class U> cancel_point<handle_awaiter<U>> await_transform(const job_handle<U>& h) {
-    return {handle_awaiter<U>(h, ctx), ctx};
-  }
-  template <class A>
-    requires std::derived_from<std::remove_cvref_t<A>, op_base>
-  cancel_point<A&> await_transform(A&& a) noexcept {
-    a.ctx = ctx;
-    return {a, ctx};
-  }
-  this_job_awaiter await_transform(this_job) noexcept { return {ctx}; }
-  cancel_point<sleep_op> await_transform(sleep_for s) noexcept;
-  template <class U> shield_awaiter<U>&& await_transform(shield_awaiter<U>&& a) noexcept {
-    a.ctx = ctx;
-    return std::move(a);
-  }
-  template <class A>
-    requires internal_awaiter<A>  // when_all's own waits
-  A&& await_transform(A&& a) noexcept {
-    return std::forward<A>(a);
-  }
-  template <class A>
-    requires(!std::derived_from<std::remove_cvref_t<A>, op_base> &&
-             !is_job<std::remove_cvref_t<A>>::value && !is_handle<std::remove_cvref_t<A>>::value &&
-             !std::is_same_v<std::remove_cvref_t<A>, this_job> && !internal_awaiter<A> &&
-             !is_shield<std::remove_cvref_t<A>>::value)
-  A&& await_transform(A&& a) noexcept {
-    static_assert(always_false<A>::value,
-                  "a coro_jobs::job can co_await jobs, job_handles and coro_jobs tasks only "
-                  "(so that cancellation reaches every wait); wrap other asynchronous APIs "
-                  "in callback_task");
-    return std::forward<A>(a);
-  }
-
- protected:
-  void store_error(job_ctx* j) {
-    const bool cancel = is_cancellation(error);
-    j->set_error(std::move(error), cancel);
-  }
-};
-
-template <class T>
-struct job_promise : promise_base {
-  std::optional<T> value;
-  job<T> get_return_object() noexcept {
-    return access::make_job<T>(std::coroutine_handle<job_promise>::from_promise(*this));
-  }
-  void return_value(T v) { value.emplace(std::move(v)); }
-  void store_result() {
-    if (error) return store_error(ctx);
-    static_cast<job_state<T>*>(ctx)->value = std::move(value);
-  }
-  T take() {
-    if (error) std::rethrow_exception(error);
-    return std::move(*value);
-  }
-};
-
-template <>
-struct job_promise<void> : promise_base {
-  job<void> get_return_object() noexcept {
-    return access::make_job<void>(std::coroutine_handle<job_promise>::from_promise(*this));
-  }
-  void return_void() noexcept {}
-  void store_result() {
-    if (error) store_error(ctx);
-  }
-  void take() {
-    if (error) std::rethrow_exception(error);
-  }
-};
-
-// co_await of a child job: the child runs in this job's context (its cancellation included)
-// and its frame is destroyed as soon as its result is taken.
-template <class T>
-struct job_awaiter {
-  using handle = std::coroutine_handle<job_promise<T>>;
-  handle& child;  // the job object's handle, emptied here
-  job_ctx* ctx;
-  child_link link{};
-
-  static void destroy_child(void* slot) noexcept {
-    handle& h = *static_cast<handle*>(slot);
-    std::exchange(h, {}).destroy();
-  }
-  job_awaiter(job<T>& j, job_ctx* c) noexcept : child(access::handle(j)), ctx(c) {}
-  bool await_ready() {
-    require_job(ctx);
-    if (!child) throw std::invalid_argument("coro_jobs: co_await of an empty job (moved-from or already awaited)");
-    // Another job (holding a reference to the same job object) already awaits it: its frame
-    // has a parent, and resuming it a second time would run a frame that may be gone.
-    if (child.promise().continuation)
-      throw std::invalid_argument("coro_jobs: co_await of a job that is already being awaited");
-    return ctx->cancelled();
-  }
-  void await_suspend(std::coroutine_handle<> parent) noexcept {
-    auto& p = child.promise();
-    p.ctx = ctx;
-    p.continuation = parent;
-    link = {&child, &destroy_child, ctx->innermost};
-    ctx->innermost = &link;
-    detail::resume_next(*ctx->loop, child);  // loop_impl::resume() runs it as soon as we return
-  }
-  T await_resume() {
-    if (!link.slot) throw job_cancelled{};
-    ctx->innermost = link.outer;
-    struct destroy_on_exit {
-      handle h;
-      ~destroy_on_exit() { h.destroy(); }
-    } d{std::exchange(child, {})};
-    return d.h.promise().take();
-  }
-};
-
-template <class T>
-struct handle_awaiter final : handle_waiter {
-  job_handle<T> h;  // keeps the awaited job's state alive while we wait
-  handle_awaiter(const job_handle<T>& hh, job_ctx* c) : h(hh) { ctx = c; }
-  bool await_ready() {
-    require_job(ctx);
-    auto* s = access::state(h);
-    if (!s) throw std::invalid_argument("coro_jobs: co_await of an empty job_handle");
-    if (s == ctx) fail_logic("coro_jobs: a job cannot co_await its own handle");
-    if (!s->done() && s->loop != ctx->loop) fail_logic("coro_jobs: co_await of a job on another event_loop");
-    return ctx->cancelled() || s->done();
-  }
-  void await_suspend(std::coroutine_handle<> w) noexcept {
-    auto* s = access::state(h);
-    waiter = w;
-    target = s;
-    next = s->waiters;
-    s->waiters = this;
-    park();
-  }
-  T await_resume() {
-    if (ctx->cancelled()) throw job_cancelled{};
-    return access::state(h)->get();
-  }
-};
-
-// --- Tasks ------------------------------------------------------------------------------
-
-// What sleep_task returns: only the duration; the job's await_transform makes the sleep_op
-// that waits. GCC keeps both the co_await operand and its awaiter in the frame, so a
-// one-word operand saves 40 bytes in every sleeping frame (bench W2: a million of them).
-// Outside a job (no await_transform), operator co_await makes one that throws logic_error.
-struct [[nodiscard]] sleep_for {
-  duration d;
-  sleep_op operator co_await() const noexcept;
-};
-
-class sleep_op final : public op_base, public timer_owner {
- public:
-  sleep_op(duration d, job_ctx* c) noexcept : at_(d) { ctx = c; }
-  bool await_ready() const;
-  void await_suspend(std::coroutine_handle<> h);
-  duration await_resume() const;
-  void cancel_op() noexcept override;
-  const char* what() const noexcept override;
-
- private:
-  static void fire(timer_owner* self, loop_impl& l);
-  // The duration asked for, held as an offset from the epoch until the wait begins, then
-  // the wait's start: one word for both, since every sleeping frame holds one (bench W2).
-  time_point at_;
-};
-
-inline cancel_point<sleep_op> promise_base::await_transform(sleep_for s) noexcept {
-  return {sleep_op(s.d, ctx), ctx};
-}
-inline sleep_op sleep_for::operator co_await() const noexcept { return {d, nullptr}; }
-
-class [[nodiscard]] fd_op final : public op_base, public fd_owner {
- public:
-  fd_op(int fd, short events) noexcept : fd_owner(fd, events) { one_shot = true; }
-  bool await_ready() const;
-  void await_suspend(std::coroutine_handle<> h);
-  short await_resume() const;
-  void cancel_op() noexcept override;
-  const char* what() const noexcept override;
-  void fd_ready(loop_impl& l, short ev) noexcept override;
-
- private:
-  short revents_ = 0;
-};
-
-// A value or an exception, written by one thread and read by the loop thread after the
-// inbox handed it over (the inbox's mutex orders the two).
-template <class T>
-struct result_box {
-  std::optional<T> value;
-  std::exception_ptr error;
-  template <class... A> void set(A&&... a) { value.emplace(std::forward<A>(a)...); }
-  // The error is released here, on the loop thread, not by whichever thread drops the
-  // last reference to the shared state.
-  T take() {
-    if (error) std::rethrow_exception(std::exchange(error, nullptr));
-    return std::move(*value);
-  }
-};
-template <>
-struct result_box<void> {
-  std::exception_ptr error;
-  void set() noexcept {}
-  void take() {
-    if (error) std::rethrow_exception(std::exchange(error, nullptr));
-  }
-};
-
-// The function, its result and the way back to the loop, in one allocation. `abandoned`
-// and `op` belong to the loop thread; the worker writes only `result` and `returned` before
-// it hands the state to the inbox. `abandoned`: the job no longer waits for the completion
-// (withdrawn unrun, waited for by a job scope, or let go by abandon_on_cancel).
-template <class R, class Fn>
-struct thread_work final : pool_task {
-  std::stop_source stop;
-  result_box<R> result;
-  op_base* op = nullptr;
-  bool abandoned = false;
-  std::optional<Fn> fn;
-  std::shared_ptr<inbox> box;  // outlives the loop, for a worker that finishes late
-  loop_impl* loop;
-
-  thread_work(Fn f, std::shared_ptr<inbox> b, loop_impl* l) : fn(std::move(f)), box(std::move(b)), loop(l) {}
-  void run(std::shared_ptr<pool_task>& self) override {
-    try {
-      if constexpr (std::is_void_v<R>)
-        (*fn)(this->stop.get_token());
-      else
-        this->result.set((*fn)(this->stop.get_token()));
-    } catch (...) {
-      this->result.error = std::current_exception();
-    }
-    fn.reset();  // the function's captures die on the worker, as with std::thread
-    mark_returned();
-    std::shared_ptr<inbox> b = box;
-    detail::post_remote(*b, [me = std::static_pointer_cast<thread_work>(std::move(self))] { me->arrived(); });
-  }
-  void arrived() {  // on the loop thread
-    if (abandoned) return;  // counted out when it was abandoned
-    detail::thread_returned(*loop);
-    op->ctx->pending = nullptr;
-    detail::enqueue(*loop, op->ctx, op->waiter);
-  }
-};
-
-template <class R, class Fn>
-class [[nodiscard]] thread_op final : public op_base {
- public:
-  thread_op(Fn fn, bool abandon) : fn_(std::move(fn)), abandon_(abandon) {}
-  bool await_ready() const {
-    require_job(ctx);
-    return ctx->cancelled();
-  }
-  void await_suspend(std::coroutine_handle<> h) {
-    loop_impl& l = *ctx->loop;
-    work_ = std::make_shared<thread_work<R, Fn>>(std::move(fn_), detail::inbox_of(l), &l);
-    work_->op = this;
-    waiter = h;
-    detail::submit_thread(l, work_);
-    park();
-  }
-  R await_resume() {
-    if (ctx->cancelled()) throw job_cancelled{};
-    return work_->result.take();
-  }
-  // A queued function is withdrawn and never runs. A running one is asked to stop, and the
-  // job waits for it to return (holds_job), unless it was started with abandon_on_cancel.
-  void cancel_op() noexcept override {
-    loop_impl& l = *ctx->loop;
-    if (detail::withdraw_thread(l, work_.get())) {
-      work_->abandoned = true;
-      return;
-    }
-    work_->stop.request_stop();
-    if (abandon_) let_go(l, true);
-  }
-  bool holds_job() const noexcept override { return !work_->abandoned; }
-  void wait_stopped() noexcept override {
-    detail::wait_for_thread(*ctx->loop, ctx, *work_);
-    let_go(*ctx->loop, false);
-  }
-  const char* what() const noexcept override { return "threaded_task"; }
-
- private:
-  void let_go(loop_impl& l, bool running) noexcept {
-    work_->abandoned = true;
-    detail::thread_returned(l);  // run() does not wait for it any more
-    if (running) detail::abandon_thread(l, work_);
-  }
-  Fn fn_;
-  bool abandon_;
-  std::shared_ptr<thread_work<R, Fn>> work_;
-};
-
-template <class T>
-struct callback_state : std::enable_shared_from_this<callback_state<T>> {
-  std::atomic<bool> claimed{false};
-  result_box<T> result;
-  std::shared_ptr<inbox> box;
-  loop_impl* loop;
-  op_base* op = nullptr;  // loop thread only, as are the flags
-  bool cancelled = false, counted = false;
-
-  callback_state(std::shared_ptr<inbox> b, loop_impl* l) : box(std::move(b)), loop(l) {}
-  template <class... A> void set_value(A&&... a) {
-    result.set(std::forward<A>(a)...);
-    deliver();
-  }
-  void set_error(std::exception_ptr e) {
-    result.error = std::move(e);
-    deliver();
-  }
-  void deliver() {
-    detail::post_remote(*box, [s = this->shared_from_this()] { s->arrived(); });
-  }
-  void uncount() noexcept {
-    if (counted) {
-      counted = false;
-      detail::count_callback(*loop, false);
-    }
-  }
-  void arrived() {
-    uncount();
-    if (cancelled) return;
-    op->ctx->pending = nullptr;
-    detail::enqueue(*loop, op->ctx, op->waiter);
-  }
-  void called_twice() {
-    detail::post_remote(*box, [l = loop] {
-      detail::report(*l, "task_return", std::make_exception_ptr(std::logic_error(
-                                   "coro_jobs: task_return called more than once")));
-    });
-  }
-};
-
-// Held by every copy of a task_return; when the last copy dies without a call, the job gets
-// an error instead of waiting forever (std::promise's broken_promise, for callbacks).
-template <class T>
-struct return_token {
-  std::shared_ptr<callback_state<T>> st;
-  explicit return_token(std::shared_ptr<callback_state<T>> s) : st(std::move(s)) {}
-  ~return_token() {
-    if (!st->claimed.exchange(true)) {
-      st->set_error(std::make_exception_ptr(
-          std::logic_error("coro_jobs: task_return destroyed without being called")));
-    }
-  }
-  return_token(const return_token&) = delete;
-  return_token& operator=(const return_token&) = delete;
-};
-
-template <class R>
-constexpr bool is_canceller() {
-  if constexpr (std::is_void_v<R>)
-    return true;
-  else
-    return std::is_invocable_v<R&>;
-}
-
-template <class T, class Start>
-class [[nodiscard]] callback_op final : public op_base {
-  using start_result = std::invoke_result_t<Start&, task_return<T>>;
-  static_assert(is_canceller<start_result>(),
-                "callback_task: start must return void or a canceller callable with no arguments");
-  using canceller = std::conditional_t<std::is_void_v<start_result>, char, start_result>;
-
- public:
-  explicit callback_op(Start s) : start_(std::move(s)) {}
-  bool await_ready() const {
-    require_job(ctx);
-    return ctx->cancelled();
-  }
-  void await_suspend(std::coroutine_handle<> h) {
-    loop_impl& l = *ctx->loop;
-    st_ = std::make_shared<callback_state<T>>(detail::inbox_of(l), &l);
-    st_->op = this;
-    waiter = h;
-    task_return<T> ret(std::make_shared<return_token<T>>(st_));
-    try {
-      if constexpr (std::is_void_v<start_result>)
-        start_(std::move(ret));
-      else
-        cancel_.emplace(start_(std::move(ret)));
-    } catch (...) {
-      st_->cancelled = true;  // whatever start did with task_return is ignored now
-      throw;
-    }
-    st_->counted = true;
-    detail::count_callback(l, true);
-    park();
-  }
-  T await_resume() {
-    if (ctx->cancelled()) throw job_cancelled{};
-    return st_->result.take();
-  }
-  const char* what() const noexcept override { return "callback_task"; }
-  void cancel_op() noexcept override {
-    st_->cancelled = true;
-    st_->uncount();
-    if constexpr (!std::is_void_v<start_result>) {
-      try {
-        if (cancel_) (*cancel_)();
-      } catch (...) {
-        detail::report(*st_->loop, "canceller", std::current_exception());
-      }
-    }
-  }
-
- private:
-  Start start_;
-  std::shared_ptr<callback_state<T>> st_;
-  std::optional<canceller> cancel_;
-};
-
-// --- Composition: branches and groups --------------------------------------------------
-
-template <class T>
-job_handle<T> start_for(job_ctx* parent, job<T>& j, const char* kind, std::optional<std::size_t> index);
-
-template <class T> struct void_to_monostate { using type = T; };
-template <> struct void_to_monostate<void> { using type = std::monostate; };
-
-template <class T> struct await_result {  // tasks
-  using type = std::decay_t<decltype(std::declval<T&>().await_resume())>;
-};
-template <class T> struct await_result<job<T>> { using type = T; };
-template <> struct await_result<sleep_for> { using type = duration; };
-template <class T> struct await_result<job_handle<T>> { using type = T; };
-template <class T> struct await_value : void_to_monostate<typename await_result<T>::type> {};
-
-// The branches of one when_all/when_any: jobs of their own, each reporting its end here.
-// The awaiting job waits on the group twice: first (cancellable, `parked`) until it has its
-// answer, then (not cancellable, so a cancelled job can still wait) until every branch has
-// ended, so nothing a branch uses dies before it. Branches always end: they are cancelled.
-struct group final : op_base {
-  const char* kind;                 // "when_all" or "when_any"
-  bool any;                         // stop at the first end (when_any) or first error
-  std::vector<job_ctx*> branches;   // each holds a reference
-  std::size_t left = 0;             // branches not yet ended
-  std::size_t first = std::size_t(-1);  // when_any: the winner
-  std::exception_ptr error;         // the error to rethrow
-  bool stopping = false, suspended = false;
-  // A stop on its way down a nest (see stop): the next group on the loop's stop list, the
-  // next branch to cancel, and whether the awaiting job waits for that (holds_job).
-  group* stop_next = nullptr;
-  std::size_t stop_at = 0;
-  bool listed = false, holding = false;
-
-  group(const char* k, bool a) noexcept;
-  group(const group&) = delete;
-  group& operator=(const group&) = delete;
-  ~group();
-  const char* what() const noexcept override;
-
-  void stop() noexcept;
-  void stopped() noexcept;  // every branch has been cancelled
-  void cancel_op() noexcept override;
-  bool holds_job() const noexcept override { return holding; }
-  void wake();
-  void branch_done(std::size_t i, std::exception_ptr e);
-
-  // co_await wait(): until the answer (or all ended); parked, so cancel() reaches it.
-  struct answer_awaiter {
-    static constexpr bool coro_jobs_internal = true;
-    group& g;
-    bool await_ready() const noexcept { return g.left == 0 || g.stopping; }
-    void await_suspend(std::coroutine_handle<> h) noexcept {
-      g.waiter = h;
-      g.suspended = true;
-      g.park();
-    }
-    void await_resume() const noexcept {}
-  };
-  // co_await drained(): until every branch has ended. Not parked: it cannot be cancelled.
-  struct drain_awaiter {
-    static constexpr bool coro_jobs_internal = true;
-    group& g;
-    bool await_ready() const noexcept { return g.left == 0; }
-    void await_suspend(std::coroutine_handle<> h) noexcept {
-      g.waiter = h;
-      g.suspended = true;
-    }
-    void await_resume() const noexcept {}
-  };
-  answer_awaiter answer() noexcept { return {*this}; }
-  drain_awaiter drained() noexcept { return {*this}; }
-  void rethrow();
-};
-
-// One branch: awaits `a` in a job of its own and hands the result to its slot and group.
-template <class A, class V>
-job<> branch(A a, group* g, std::size_t i, std::optional<V>* slot) {
-  job_ctx* const self = co_await this_job{};
-  std::exception_ptr e;
-  try {
-    if constexpr (std::is_void_v<typename await_result<A>::type>) {
-      co_await std::move(a);
-      slot->emplace();
-    } else {
-      slot->emplace(co_await std::move(a));
-    }
-  } catch (...) {
-    e = std::current_exception();
-  }
-  g->branch_done(i, std::move(e));
-  if (self->cancelled()) throw job_cancelled{};  // its error, if any, went to the group
-}
-
-// Starts one branch job per awaitable, named after the awaiting job.
-template <class... A, std::size_t... I>
-void start_branches(group& g, std::tuple<std::optional<await_value_t<A>>...>& slots,
-                    std::index_sequence<I...>, A&... a) {
-  g.ctx->branches = &g;  // for job_ctx::finish_now
-  g.left = sizeof...(A);
-  auto own_handle = [&](auto& x) {
-    if constexpr (is_handle<std::remove_cvref_t<decltype(x)>>::value)
-      if (access::state(x) == g.ctx) fail_logic("coro_jobs: a job cannot wait for its own handle");
-  };
-  (own_handle(a), ...);
-  g.branches.reserve(sizeof...(A));  // so that no push_back below can fail once a branch runs
-  auto one = [&](auto&& j, std::size_t i) {
-    auto h = start_for(g.ctx, j, g.kind, i);
-    job_ctx* c = access::state(h);
-    ++c->refs;
-    g.branches.push_back(c);
-  };
-  try {
-    (one(branch(std::move(a), &g, I, &std::get<I>(slots)), I), ...);
-  } catch (...) {
-    // Out of memory part way (a branch's frame, name or ready slot): the branches started so
-    // far point into this frame (g, slots), which the error is about to destroy. None has
-    // run yet, so finishing them now destroys their frames unstarted.
-    for (job_ctx* b : g.branches) finish_now(b);
-    throw;
-  }
-}
-
-// --- Shielded waits -------------------------------------------------------------------------
-
-template <class T, class A>
-job<T> shield_body(A a) {
-  if constexpr (std::is_void_v<T>)
-    co_await std::move(a);
-  else
-    co_return co_await std::move(a);
-}
-
-// Waits for the shielded job like a handle awaiter, but is never the job's `pending` wait,
-// so the awaiting job's cancel() does not reach it. Started at the co_await, not before:
-// shielded(a) built but never awaited runs nothing.
-template <class T>
-struct [[nodiscard]] shield_awaiter {
-  struct shield_wait final : handle_waiter {};
-  job<T> body;
-  job_ctx* ctx = nullptr;  // set by await_transform
-  job_handle<T> h;
-  shield_wait w;
-
-  explicit shield_awaiter(job<T> b) noexcept : body(std::move(b)) {}
-  shield_awaiter(shield_awaiter&& o) noexcept : body(std::move(o.body)), ctx(o.ctx) {}
-  bool await_ready() {
-    require_job(ctx);
-    h = start_for(ctx, body, "shielded", std::nullopt);
-    return false;
-  }
-  void await_suspend(std::coroutine_handle<> hh) noexcept {
-    job_ctx* s = access::state(h);
-    w.ctx = ctx;
-    w.waiter = hh;
-    w.target = s;
-    w.next = s->waiters;
-    s->waiters = &w;
-  }
-  T await_resume() { return static_cast<job_state<T>*>(access::state(h))->get(); }
-};
-
-// --- Progress ------------------------------------------------------------------------------
-
-template <class T>
-struct progress_state : std::enable_shared_from_this<progress_state<T>> {
-  std::mutex m;
-  std::optional<T> latest;  // guarded by m
-  bool queued = false;      // guarded by m: a delivery is on its way
-  bool alive = true;        // loop thread only: the progress object exists
-  std::function<void(T)> on_progress;
-  std::shared_ptr<inbox> box;
-  loop_impl* loop;
-
-  void report(T v) {
-    {
-      std::lock_guard<std::mutex> lock(m);
-      latest = std::move(v);
-      if (queued) return;  // the queued delivery will carry the newest value
-      queued = true;
-    }
-    detail::post_remote(*box, [s = this->shared_from_this()] { deliver(s.get()); }, "progress");
-  }
-  static void deliver(progress_state* s) {  // a posted callback: its errors are reported
-    std::optional<T> v;
-    {
-      std::lock_guard<std::mutex> lock(s->m);
-      v = std::move(s->latest);
-      s->latest.reset();
-      s->queued = false;
-    }
-    if (!s->alive || !v) return;
-    // Called from a local: a callback that ends the job destroys the progress object,
-    // whose destructor would otherwise free the function (and its captures) mid-call.
-    struct put_back {
-      progress_state* s;
-      std::function<void(T)> fn;
-      ~put_back() {
-        if (s->alive) s->on_progress = std::move(fn);
-      }
-    } running{s, std::move(s->on_progress)};
-    running.fn(std::move(*v));
-  }
-};
-
-}  // namespace detail
-
-// ======================================================================================
-//                          Public API: out-of-line definitions
-// ======================================================================================
-
-template <class Rep, class Period>
-callback_handle event_loop::call_later(std::chrono::duration<Rep, Period> delay,
-                                       std::function<void()> fn) {
-  return call_later_impl(detail::saturate(delay), std::move(fn));
-}
-template <class Rep, class Period>
-void event_loop::advance(std::chrono::duration<Rep, Period> d) {
-  advance_impl(detail::saturate(d));
-}
-template <class Rep, class Period>
-void event_loop::set_watchdog(std::chrono::duration<Rep, Period> threshold, watchdog_handler handler) {
-  set_watchdog_impl(detail::saturate(threshold), std::move(handler));
-}
-
-template <class T>
-job_handle<T>::job_handle(const job_handle& o) : s_(o.s_) {
-  if (!s_) return;
-  if (s_->owner != std::this_thread::get_id())
-    detail::fail_logic("coro_jobs: job_handle copied on a thread that does not own its loop");
-  ++s_->refs, ++s_->handles;
-}
-template <class T>
-job_handle<T>& job_handle<T>::operator=(const job_handle& o) {
-  if (this != &o) {
-    job_handle tmp(o);
-    std::swap(s_, tmp.s_);
-  }
-  return *this;
-}
-template <class T>
-job_handle<T>& job_handle<T>::operator=(job_handle&& o) noexcept {
-  if (this != &o) {
-    job_handle tmp(std::move(o));
-    std::swap(s_, tmp.s_);
-  }
-  return *this;
-}
-template <class T>
-job_handle<T>::~job_handle() {
-  if (!s_) return;
-  if (s_->owner == std::this_thread::get_id())
-    detail::drop_handle(s_);
-  else
-    detail::drop_handle_elsewhere(s_);
-}
-template <class T>
-bool job_handle<T>::done() const {
-  if (!s_) throw std::invalid_argument("coro_jobs: done() of an empty job_handle");
-  if (!s_->done())
-    detail::check_thread(*s_->loop, "coro_jobs: job_handle used from a thread that does not own the loop");
-  return s_->done();
-}
-template <class T>
-bool job_handle<T>::cancel() {
-  if (!s_ || s_->done()) return false;
-  detail::check_thread(*s_->loop, "coro_jobs: job_handle used from a thread that does not own the loop");
-  return s_->cancel();
-}
-template <class T>
-T job_handle<T>::result() {
-  if (!s_) throw std::invalid_argument("coro_jobs: result() of an empty job_handle");
-  if (!s_->done()) {
-    detail::check_thread(*s_->loop, "coro_jobs: job_handle used from a thread that does not own the loop");
-    detail::fail_logic("coro_jobs: result() of a job that has not ended");
-  }
-  return s_->get();
-}
-template <class T>
-std::string_view job_handle<T>::name() const {
-  if (!s_) throw std::invalid_argument("coro_jobs: name() of an empty job_handle");
-  return s_->extra.name();
-}
-
-namespace detail {
-template <class T>
-job_handle<T> start_with(event_loop& loop, job<T>& j, job_extras extra) {
-  auto& l = access::impl(loop);
-  detail::check_thread(l, "coro_jobs: start_job called from a thread that does not own the loop");
-  auto& h = access::handle(j);
-  if (!h) throw std::invalid_argument("coro_jobs: start_job of an empty job (moved-from or already started)");
-  // What may throw comes first, before anything is committed: the name (in `extra`), the
-  // ready slot and the state.
-  detail::reserve_start(l);
-  job_state<T>* s;
-  try {
-    s = new job_state<T>();
-  } catch (...) {
-    detail::unreserve_start(l);
-    throw;
-  }
-  s->loop = s->home = &l;
-  s->owner = std::this_thread::get_id();
-  s->extra = std::move(extra);
-  s->root = h;
-  s->refs = 2;  // the frame and the handle below
-  s->handles = 1;
-  h.promise().ctx = s;
-  h = {};  // the state owns the frame now
-  detail::commit_start(l, s);
-  if (job_ctx* parent = s->extra.parent()) ++parent->refs;  // see job_ctx::release
-  job_handle<T> r;
-  access::state(r) = s;
-  return r;
-}
-template <class T>
-job_handle<T> start_with(event_loop& loop, job<T>& j, std::string name, std::unique_ptr<maker_base> maker) {
-  job_extras extra;
-  extra.set_name(std::move(name));
-  if (maker) extra.set_maker(std::move(maker));
-  return start_with(loop, j, std::move(extra));
-}
-// A branch or shielded job, named after the job it serves (see job_extras).
-template <class T>
-job_handle<T> start_for(job_ctx* parent, job<T>& j, const char* kind, std::optional<std::size_t> index) {
-  job_extras extra;
-  extra.set_parent(parent, kind, index);
-  return start_with(event_loop_of(*parent->loop), j, std::move(extra));
-}
-}  // namespace detail
-
-template <class T>
-job_handle<T> start_job(event_loop& loop, job<T> j, std::string name) {
-  return detail::start_with(loop, j, std::move(name), nullptr);
-}
-template <class T>
-job_handle<T> start_job(job<T> j, std::string name) {
-  return start_job(detail::current_loop(), std::move(j), std::move(name));
-}
-template <class F>
-  requires std::invocable<F&> && detail::is_job<std::invoke_result_t<F&>>::value
-auto start_job(event_loop& loop, F&& make, std::string name) {
-  auto keep = std::make_unique<detail::maker_box<std::decay_t<F>>>(std::forward<F>(make));
-  auto j = keep->f();
-  return detail::start_with(loop, j, std::move(name), std::move(keep));
-}
-template <class F>
-  requires std::invocable<F&> && detail::is_job<std::invoke_result_t<F&>>::value
-auto start_job(F&& make, std::string name) {
-  return start_job(detail::current_loop(), std::forward<F>(make), std::move(name));
-}
-
-template <class Rep, class Period>
-detail::sleep_for sleep_task(std::chrono::duration<Rep, Period> d) {
-  return {detail::saturate(d)};
-}
-
-namespace detail {
-template <class F, class... Args>
-auto make_thread_op(bool abandon, F&& f, Args&&... args) {
-  // Decay-copied like std::thread's arguments: the worker must not refer to the job's frame.
-  auto call = [f = std::forward<F>(f), ... a = std::forward<Args>(args)](std::stop_token st) mutable
-      -> decltype(auto) {
-    if constexpr (std::is_invocable_v<std::decay_t<F>&, std::stop_token, std::decay_t<Args>...>)
-      return std::invoke(f, std::move(st), std::move(a)...);
-    else
-      return std::invoke(f, std::move(a)...);
-  };
-  using R = std::decay_t<std::invoke_result_t<decltype(call)&, std::stop_token>>;
-  return thread_op<R, decltype(call)>(std::move(call), abandon);
-}
-}  // namespace detail
-
-template <class F, class... Args>
-  requires(!std::is_same_v<std::remove_cvref_t<F>, abandon_on_cancel_t>)
-auto threaded_task(F&& f, Args&&... args) {
-  return detail::make_thread_op(false, std::forward<F>(f), std::forward<Args>(args)...);
-}
-template <class F, class... Args>
-auto threaded_task(abandon_on_cancel_t, F&& f, Args&&... args) {
-  return detail::make_thread_op(true, std::forward<F>(f), std::forward<Args>(args)...);
-}
-
-template <class T>
-detail::callback_state<T>* task_return<T>::claim() const {
-  if (!t_) throw std::logic_error("coro_jobs: call of an empty (moved-from) task_return");
-  auto* s = t_->st.get();
-  if (s->claimed.exchange(true)) {
-    s->called_twice();
-    return nullptr;
-  }
-  return s;
-}
-
-template <class T, class Start>
-detail::callback_op<T, std::decay_t<Start>> callback_task(Start&& start) {
-  return detail::callback_op<T, std::decay_t<Start>>(std::forward<Start>(start));
-}
-
-// ---- Composition
-
-template <class... A>
-job<std::tuple<await_value_t<A>...>> when_all(A... awaitables) {
-  static_assert(sizeof...(A) > 0, "when_all needs at least one awaitable");
-  detail::group g("when_all", false);
-  g.ctx = co_await detail::this_job{};
-  std::tuple<std::optional<await_value_t<A>>...> slots;
-  detail::start_branches(g, slots, std::index_sequence_for<A...>{}, awaitables...);
-  co_await g.answer();
-  while (g.left > 0) co_await g.drained();
-  g.rethrow();
-  co_return std::apply([](auto&... v) { return std::tuple<await_value_t<A>...>(std::move(*v)...); },
-                       slots);
-}
-
-template <class... A>
-job<std::variant<await_value_t<A>...>> when_any(A... awaitables) {
-  static_assert(sizeof...(A) > 0, "when_any needs at least one awaitable");
-  using V = std::variant<await_value_t<A>...>;
-  using Slots = std::tuple<std::optional<await_value_t<A>>...>;
-  detail::group g("when_any", true);
-  g.ctx = co_await detail::this_job{};
-  Slots slots;
-  detail::start_branches(g, slots, std::index_sequence_for<A...>{}, awaitables...);
-  co_await g.answer();
-  while (g.left > 0) co_await g.drained();
-  g.rethrow();
-  // The winner's index is known only now: pick the constructor from a table.
-  constexpr auto table = []<std::size_t... I>(std::index_sequence<I...>) {
-    return std::array<V (*)(Slots&), sizeof...(I)>{
-        [](Slots& s) { return V(std::in_place_index<I>, std::move(*std::get<I>(s))); }...};
-  }(std::index_sequence_for<A...>{});
-  co_return table[g.first](slots);
-}
-
-template <class Rep, class Period, class A>
-job<await_value_t<A>> with_timeout(std::chrono::duration<Rep, Period> d, A awaitable) {
-  auto r = co_await when_any(std::move(awaitable), sleep_task(d));
-  if (r.index() == 1) throw timeout_error{};
-  co_return std::get<0>(std::move(r));
-}
-
-template <class A>
-detail::shield_awaiter<typename detail::await_result<std::remove_cvref_t<A>>::type> shielded(A awaitable) {
-  using T = typename detail::await_result<std::remove_cvref_t<A>>::type;
-  return detail::shield_awaiter<T>(detail::shield_body<T>(std::move(awaitable)));
-}
-
-// ---- Progress
-
-template <class T>
-progress<T>::progress(event_loop& loop, std::function<void(T)> on_progress)
-    : st_(std::make_shared<detail::progress_state<T>>()) {
-  auto& l = detail::access::impl(loop);
-  detail::check_thread(l, "coro_jobs: progress made on a thread that does not own the loop");
-  if (!on_progress) throw std::invalid_argument("coro_jobs: progress needs a callback");
-  st_->on_progress = std::move(on_progress);
-  st_->box = detail::inbox_of(l);
-  st_->loop = &l;
-}
-template <class T>
-progress<T>::progress(std::function<void(T)> on_progress)
-    : progress(detail::current_loop(), std::move(on_progress)) {}
-template <class T>
-progress<T>::~progress() {
-  st_->alive = false;
-  st_->on_progress = nullptr;  // its captures die here, on the loop thread, not on a worker
-}
-
-// ---- Job scopes
-
-template <class T>
-job_handle<T> job_scope::adopt(job_handle<T> h) {
-  // Forget ended jobs once the list has doubled since the last sweep: a sweep on every start
-  // would make n starts cost n^2 (80,000 starts took 4 s). Then hold a reference (not a
-  // handle: errors of jobs nobody else holds still reach the error handler when they end).
-  if (jobs_.size() >= sweep_at_) {
-    jobs_.erase(std::remove_if(jobs_.begin(), jobs_.end(),
-                               [](detail::job_ctx* j) {
-                                 if (!j->done()) return false;
-                                 j->release();
-                                 return true;
-                               }),
-                jobs_.end());
-    sweep_at_ = std::max<std::size_t>(16, 2 * jobs_.size());
-  }
-  detail::job_ctx* c = detail::access::state(h);
-  jobs_.push_back(c);  // first: if it throws, no reference is left behind
-  ++c->refs;
-  return h;
-}
-template <class T>
-job_handle<T> job_scope::start(job<T> j, std::string name) {
-  return start(std::move(j), std::move(name), policy_);
-}
-// A repeated start under a live job's name: the running job's handle (ignore), or nothing
-// after cancelling and unwinding the previous one (cancel_previous) or at once (run_another).
-template <class T>
-std::optional<job_handle<T>> job_scope::apply_policy(const std::string& name, restart policy) {
-  detail::check_thread(*loop_, "coro_jobs: job_scope used from a thread that does not own the loop");
-  if (policy == restart::run_another || name.empty()) return std::nullopt;
-  if (policy == restart::cancel_previous) {
-    std::vector<detail::job_ctx*> previous;  // held: unwinding may start jobs (see cancel_all)
-    for (detail::job_ctx* old : jobs_)
-      if (!old->done() && old->extra.name() == name) previous.push_back(old), ++old->refs;
-    for (detail::job_ctx* old : previous) {
-      if (!old->done()) detail::finish_now(old);
-      old->release();
-    }
-    return std::nullopt;
-  }
-  for (detail::job_ctx* old : jobs_) {
-    if (old->done() || old->extra.name() != name) continue;
-    if (old->type() != &detail::type_tag<T>)
-      detail::fail_logic("coro_jobs: job_scope: a running job of that name has another result type");
-    auto* s = static_cast<detail::job_state<T>*>(old);
-    job_handle<T> h;
-    detail::access::state(h) = s;
-    ++s->refs, ++s->handles;
-    return h;
-  }
-  return std::nullopt;
-}
-template <class T>
-job_handle<T> job_scope::start(job<T> j, std::string name, restart policy) {
-  if (!j) throw std::invalid_argument("coro_jobs: job_scope::start of an empty job");
-  if (auto running = apply_policy<T>(name, policy)) return *running;  // j is dropped unstarted
-  return adopt(start_job(detail::event_loop_of(*loop_), std::move(j), std::move(name)));
-}
-template <class F>
-  requires std::invocable<F&> && detail::is_job<std::invoke_result_t<F&>>::value
-auto job_scope::start(F&& make, std::string name, std::optional<restart> policy) {
-  using T = typename std::invoke_result_t<F&>::value_type;
-  if (auto running = apply_policy<T>(name, policy.value_or(policy_))) return *running;
-  return adopt(start_job(detail::event_loop_of(*loop_), std::forward<F>(make), std::move(name)));
-}
-
-// ======================================================================================
-//                                 The loop and its functions
-// ======================================================================================
-
-namespace detail {
-
-// --- Cross-thread inbox -----------------------------------------------------------------
 
 // Waits up to 50 us for done() before the caller blocks, yielding the CPU meanwhile. A
 // wakeup (futex or pipe) takes 5 to 25 us to get a thread running again on a VM, longer
@@ -2184,17 +897,281 @@ inline void worker_pool::release_workers(bool join) {
   workers.clear();
 }
 
-// A timer entry fires by calling fire(owner, loop) when its deadline is due. `seq` breaks
-// ties so that equal deadlines fire in the order they were set.
-struct timer_entry {
-  time_point deadline;
-  std::uint64_t seq;
-  void (*fire)(timer_owner*, loop_impl&);
-  timer_owner* owner;
-  friend bool operator>(const timer_entry& a, const timer_entry& b) noexcept {
-    return a.deadline != b.deadline ? a.deadline > b.deadline : a.seq > b.seq;
+
+// --- A job, as the loop sees it -------------------------------------------------------
+
+
+// A wait of a job that cancel() can withdraw. Every completion path clears ctx->pending
+// before it enqueues the job, so a job is never resumed twice for one wait.
+struct op_base {
+  job_ctx* ctx = nullptr;
+  std::coroutine_handle<> waiter;
+  virtual void cancel_op() noexcept = 0;
+  // After cancel_op: true while the job must still wait for the op's work to stop (a thread
+  // function that is running); the op then resumes the job itself, with job_cancelled.
+  virtual bool holds_job() const noexcept { return false; }
+  // Blocks until that work has stopped, then lets the job go (job scopes, the destructor).
+  virtual void wait_stopped() noexcept {}
+  virtual const char* what() const noexcept = 0;  // for event_loop::jobs()
+  void park() noexcept;  // the job now waits on this op (ctx->pending), since now
+
+ protected:
+  ~op_base() = default;
+};
+
+
+// While a job awaits a child, the awaiter (in the parent's frame) links the child's handle
+// into the job's chain, so the loop's destructor can destroy the frames innermost first
+// instead of recursing through 100,000 nested destructors.
+struct child_link {
+  void* slot;                  // the awaited job object's coroutine handle
+  void (*destroy)(void* slot);  // destroys that frame and empties the handle
+  child_link* outer;
+};
+
+// What start_job(lambda) keeps alive for the job's lifetime: the lambda and its captures.
+struct maker_base {
+  virtual ~maker_base() = default;
+};
+template <class F>
+struct maker_box final : maker_base {
+  F f;
+  explicit maker_box(F&& x) : f(std::move(x)) {}
+  explicit maker_box(const F& x) : f(x) {}
+};
+
+// What few jobs have, behind one pointer: a name, and the lambda that start_job(lambda)
+// keeps alive. A million unnamed sleeping jobs should not carry 40 empty bytes each
+// (bench W2).
+// A branch of when_all/when_any (or a shielded wait's job) is named after the job it
+// serves, "<parent>/when_all[i]" ("<parent>/shielded"), but stores only that job and its
+// own place: the full name is built when asked for (an error, the watchdog, jobs()). Copied
+// at every level, 8,000 nested with_timeouts held 1.2 GB of names. The branch holds a
+// reference to its parent (see job_ctx::release), so the chain can always be walked.
+class job_extras {
+  struct data {
+    std::string name;
+    std::unique_ptr<maker_base> maker;
+    job_ctx* parent = nullptr;   // a branch's or shielded job's: the job it serves
+    const char* kind = nullptr;  // then "when_all", "when_any" or "shielded"
+    std::size_t index = 0;       // a branch's place in its when_all/when_any
+  };
+  std::unique_ptr<data> d_;
+  data& get() {
+    if (!d_) d_ = std::make_unique<data>();
+    return *d_;
+  }
+
+ public:
+  void set_name(std::string n) {
+    if (!n.empty()) get().name = std::move(n);
+  }
+  void set_maker(std::unique_ptr<maker_base> m) { get().maker = std::move(m); }
+  // Named "<parent's name>/<kind>[index]", or "<parent's name>/<kind>" with no index.
+  void set_parent(job_ctx* parent, const char* kind, std::optional<std::size_t> index) {
+    data& d = get();
+    d.parent = parent;
+    d.kind = kind;
+    d.index = index.value_or(std::size_t(-1));
+  }
+  job_ctx* parent() const noexcept { return d_ ? d_->parent : nullptr; }
+  void drop_maker() noexcept {
+    if (d_) d_->maker.reset();
+  }
+  // The name given to start_job (empty for a branch: see full_name).
+  std::string_view name() const noexcept { return d_ ? std::string_view(d_->name) : std::string_view(); }
+  std::string full_name() const;  // the name given, or a branch's built one; may be empty
+  std::string name_or_job() const {
+    std::string n = full_name();
+    return n.empty() ? std::string("job") : n;
   }
 };
+
+// What one started job shares among its frames (root and children) and its handles.
+struct job_ctx {
+  loop_impl* loop = nullptr;
+  loop_impl* home = nullptr;  // the loop it was started on; never changes (see drop_handle_elsewhere)
+  std::thread::id owner;      // that loop's thread
+  op_base* pending = nullptr;       // the cancellable wait the job is suspended on, if any
+  group* branches = nullptr;        // a when_all/when_any whose branches it owns, if any
+  child_link* innermost = nullptr;  // the chain of children being awaited
+  std::coroutine_handle<> root;     // the top frame, until it ends
+  std::coroutine_handle<> resume_at;  // the frame to resume when its ready item runs
+  time_point since{};               // when the current wait began (for event_loop::jobs())
+  job_ctx *prev = nullptr, *next = nullptr;  // the loop's list of live jobs
+  handle_waiter* waiters = nullptr;  // jobs awaiting a handle of this one
+  std::exception_ptr error;
+  job_extras extra;  // name, and the lambda of start_job(lambda)
+  std::uint32_t refs = 0;     // handles + 1 while the frame lives
+  std::uint32_t handles = 0;  // job_handle copies
+  // Its life: start_job makes it `queued`; its start item makes it `running` (see
+  // run_start); job_finished makes it `ended`, when its top frame ends or is dropped unrun.
+  enum class stage : std::uint8_t { queued, running, ended } life = stage::queued;
+  // How far a cancel has reached the job's own code: cancel() makes it `requested`; the
+  // cancel_point that throws job_cancelled into the job makes it `thrown` (from then on
+  // every co_await yields to the loop before it throws, so a job that catches it in a loop
+  // cannot freeze the program); a job that then awaits again or ends normally `went_on`
+  // (note_went_on reports it once).
+  enum class cancel_reach : std::uint8_t { none, requested, thrown, went_on } reach = cancel_reach::none;
+  // Its error (`error`), set when it ends: a cancel, never reported; or an error `unseen`
+  // until result() or an awaiter sees it (observe_error) or it is reported, then `seen`.
+  enum class fault : std::uint8_t { none, cancel, unseen, seen } error_is = fault::none;
+  bool started() const noexcept { return life != stage::queued; }
+  bool done() const noexcept { return life == stage::ended; }
+  bool cancelled() const noexcept { return reach != cancel_reach::none; }
+  void request_cancel() noexcept {
+    if (reach == cancel_reach::none) reach = cancel_reach::requested;
+  }
+  void set_error(std::exception_ptr e, bool is_cancel) noexcept {
+    error = std::move(e);
+    error_is = is_cancel ? fault::cancel : fault::unseen;
+  }
+  bool item_kept = false;  // loop_impl::withdraw_items only: its newest queued item is kept
+
+  virtual ~job_ctx() = default;
+  // Its result type's tag (type_tag<T>): what dynamic_cast would tell, without RTTI.
+  virtual const void* type() const noexcept = 0;
+  bool cancel() noexcept;
+  // A branch's state holds a reference to its parent's: the last release of a chain of
+  // them walks up in this loop, not by recursion.
+  void release() noexcept {
+    for (job_ctx* j = this; j && --j->refs == 0;) {
+      job_ctx* const up = j->extra.parent();
+      delete j;
+      j = up;
+    }
+  }
+  void rethrow_if_error();
+};
+
+// Walks up to the first job with a name of its own (or none: "job"), then appends each
+// level's "/kind[i]" on the way back down: O(depth), only when a name is asked for.
+inline std::string job_extras::full_name() const {
+  if (!d_ || !d_->parent) return d_ ? d_->name : std::string();
+  std::vector<const data*> levels;
+  const job_extras* e = this;
+  for (; e->d_ && e->d_->parent; e = &e->d_->parent->extra) levels.push_back(e->d_.get());
+  std::string n = e->d_ && !e->d_->name.empty() ? e->d_->name : std::string("job");
+  for (auto it = levels.rbegin(); it != levels.rend(); ++it) {
+    n += '/';
+    n += (*it)->kind;
+    if ((*it)->index != std::size_t(-1)) n += "[" + std::to_string((*it)->index) + "]";
+  }
+  return n;
+}
+
+template <class T> inline constexpr char type_tag = 0;  // one address per T, in every file
+
+template <class T>
+struct job_state final : job_ctx {
+  std::optional<T> value;
+  bool taken = false;
+  const void* type() const noexcept override { return &type_tag<T>; }
+  T get() {
+    rethrow_if_error();
+    if constexpr (std::is_copy_constructible_v<T>) {
+      return *value;
+    } else {
+      if (taken) fail_logic("coro_jobs: the move-only result of this job was already taken");
+      taken = true;
+      return std::move(*value);
+    }
+  }
+};
+template <>
+struct job_state<void> final : job_ctx {
+  const void* type() const noexcept override { return &type_tag<void>; }
+  void get() { rethrow_if_error(); }
+};
+
+// The branches of one when_all/when_any: jobs of their own, each reporting its end here.
+// The awaiting job waits on the group twice: first (cancellable, `parked`) until it has its
+// answer, then (not cancellable, so a cancelled job can still wait) until every branch has
+// ended, so nothing a branch uses dies before it. Branches always end: they are cancelled.
+struct group final : op_base {
+  const char* kind;                 // "when_all" or "when_any"
+  bool any;                         // stop at the first end (when_any) or first error
+  std::vector<job_ctx*> branches;   // each holds a reference
+  std::size_t left = 0;             // branches not yet ended
+  std::size_t first = std::size_t(-1);  // when_any: the winner
+  std::exception_ptr error;         // the error to rethrow
+  bool stopping = false, suspended = false;
+  // A stop on its way down a nest (see stop): the next group on the loop's stop list, the
+  // next branch to cancel, and whether the awaiting job waits for that (holds_job).
+  group* stop_next = nullptr;
+  std::size_t stop_at = 0;
+  bool listed = false, holding = false;
+
+  group(const char* k, bool a) noexcept;
+  group(const group&) = delete;
+  group& operator=(const group&) = delete;
+  ~group();
+  const char* what() const noexcept override;
+
+  void stop() noexcept;
+  void stopped() noexcept;  // every branch has been cancelled
+  void cancel_op() noexcept override;
+  bool holds_job() const noexcept override { return holding; }
+  void wake();
+  void branch_done(std::size_t i, std::exception_ptr e);
+
+  // co_await wait(): until the answer (or all ended); parked, so cancel() reaches it.
+  struct answer_awaiter {
+    static constexpr bool coro_jobs_internal = true;
+    group& g;
+    bool await_ready() const noexcept { return g.left == 0 || g.stopping; }
+    void await_suspend(std::coroutine_handle<> h) noexcept {
+      g.waiter = h;
+      g.suspended = true;
+      g.park();
+    }
+    void await_resume() const noexcept {}
+  };
+  // co_await drained(): until every branch has ended. Not parked: it cannot be cancelled.
+  struct drain_awaiter {
+    static constexpr bool coro_jobs_internal = true;
+    group& g;
+    bool await_ready() const noexcept { return g.left == 0; }
+    void await_suspend(std::coroutine_handle<> h) noexcept {
+      g.waiter = h;
+      g.suspended = true;
+    }
+    void await_resume() const noexcept {}
+  };
+  answer_awaiter answer() noexcept { return {*this}; }
+  drain_awaiter drained() noexcept { return {*this}; }
+  void rethrow();
+};
+
+struct access {
+  template <class T> static auto& handle(job<T>& j) noexcept { return j.h_; }
+  template <class T> static auto& state(job_handle<T>& h) noexcept { return h.s_; }
+  template <class T> static job<T> make_job(std::coroutine_handle<job_promise<T>> h) noexcept {
+    return job<T>(h);
+  }
+  static loop_impl& impl(event_loop& l) noexcept { return *l.impl_; }
+  static callback_handle make_handle(callback_node* n) noexcept;
+  static callback_node* node(const callback_handle& h) noexcept { return h.n_; }
+};
+
+// A job awaiting a job_handle: queued on the target job until it ends.
+struct handle_waiter : op_base {
+  job_ctx* target = nullptr;
+  handle_waiter* next = nullptr;
+  const char* what() const noexcept override { return "job_handle"; }
+  void cancel_op() noexcept override {
+    for (handle_waiter** p = &target->waiters; *p; p = &(*p)->next) {
+      if (*p == this) {
+        *p = next;
+        break;
+      }
+    }
+  }
+
+ protected:
+  ~handle_waiter() = default;
+};
+
 
 // --- The loop ---------------------------------------------------------------------------
 
@@ -2252,6 +1229,11 @@ struct loop_impl {
   // the kick at the end of each iteration is the only one needed.
   bool kick_pool = false;
   void kick_pool_if_needed() noexcept;
+  void submit_thread(std::shared_ptr<pool_task> work);
+  void thread_returned() noexcept;  // its completion arrived, or the job let it go
+  bool withdraw_thread(pool_task* t) noexcept;  // still queued: it never runs
+  void abandon_thread(std::shared_ptr<pool_task> t) noexcept;  // it may still run
+  void wait_for_thread(job_ctx* j, const pool_task& t) noexcept;
   std::vector<std::shared_ptr<pool_task>> abandoned;  // by abandon_on_cancel, maybe running
   bool detach_workers = false;  // one abandoned function could not be recorded
   std::size_t outstanding = 0;  // thread functions running + callback tasks waiting
@@ -2335,7 +1317,10 @@ struct loop_impl {
   // ---- one iteration
   bool pending() const noexcept;
   bool run_once();
+  duration time_to_wait() const noexcept;
   void wait(duration timeout_or_negative);
+  void collect_remote();
+  void collect_fds() noexcept;
   void collect_due_timers();
 };
 
@@ -2606,7 +1591,7 @@ inline bool loop_impl::pending() const noexcept {
          box->signalled.load(std::memory_order_acquire);
 }
 
-// One iteration, asyncio's _run_once in four steps:
+// One iteration, asyncio's _run_once in four named steps:
 //   1. wait: not at all if work is ready, else until the nearest timer, else until an fd or
 //      the inbox's pipe wakes us (ppoll); nothing pending: return false.
 //   2. collect: cross-thread completions, fd events and due timers only enqueue work;
@@ -2625,22 +1610,34 @@ inline bool loop_impl::run_once() {
     }
   } guard{*this};
 
-  if (!ready.empty()) {
-    wait(duration::zero());
-  } else if (!timers.empty()) {
-    // A manual clock never waits for a timer (time moves only through advance()), but it
-    // still blocks for what can wake it (a worker, a callback, an fd), unless advance()
-    // has just made the first timer due.
-    const bool waker = threads_out > 0 || pfds.size() > own_fds;
-    wait(timers.empty() ? duration(-1)
-         : manual       ? (waker && timers.front().deadline > manual_now ? duration(-1) : duration::zero())
-                        : std::max(timers.front().deadline - clock_type::now(), duration::zero()));
-  } else {
-    wait(duration(-1));
-  }
+  wait(time_to_wait());
   now = clock();
-
   ++iterations;
+  collect_remote();
+  collect_fds();
+  collect_due_timers();
+  running.swap(ready);
+  run_items();
+  running.clear();
+  return pending();
+}
+
+// Step 1's timeout: none if work is ready, else until the first timer, else no limit (-1).
+// A manual clock never waits for a timer (time moves only through advance()), but it still
+// blocks for what can wake it (a worker, a callback, an fd), unless advance() has just made
+// the first timer due.
+inline duration loop_impl::time_to_wait() const noexcept {
+  if (!ready.empty()) return duration::zero();
+  if (timers.empty()) return duration(-1);
+  const time_point first = timers.front().deadline;
+  if (!manual) return std::max(first - clock_type::now(), duration::zero());
+  const bool waker = threads_out > 0 || pfds.size() > own_fds;
+  return waker && first > manual_now ? duration(-1) : duration::zero();
+}
+
+// Step 2: what other threads sent. Completions queue their jobs now; posted callbacks
+// queue up to run in step 3.
+inline void loop_impl::collect_remote() {
   const bool pipe_readable = std::exchange(pfds[0].revents, short(0)) != 0;
   if (box->signalled.load(std::memory_order_acquire)) {
     box->take(remote);
@@ -2656,20 +1653,13 @@ inline bool loop_impl::run_once() {
   } else if (pipe_readable) {
     box->drain();  // a stale byte (see inbox::drain): left there, every poll would return at once
   }
-  if (pfds.size() > own_fds) {
-    // Backwards, because an entry whose last owner fired swaps the last entry (already
-    // handled) into its place.
-    for (std::size_t i = pfds.size() - 1; i >= own_fds; --i) {
-      if (i < pfds.size() && pfds[i].revents)
-        dispatch_fd(i, std::exchange(pfds[i].revents, short(0)));
-    }
-  }
-  collect_due_timers();
+}
 
-  running.swap(ready);
-  run_items();
-  running.clear();
-  return pending();
+// Step 2: what poll reported, backwards, because an entry whose last owner fired swaps the
+// last entry (already handled) into its place.
+inline void loop_impl::collect_fds() noexcept {
+  for (std::size_t i = pfds.size(); i-- > own_fds;)
+    if (i < pfds.size() && pfds[i].revents) dispatch_fd(i, std::exchange(pfds[i].revents, short(0)));
 }
 
 // Runs this iteration's snapshot. Only the error handler (or the watchdog's) throws out of
@@ -3043,6 +2033,17 @@ inline void loop_impl::finish_one(job_ctx* j) {
   while (!j->done() && j->resume_at && j->reach != job_ctx::cancel_reach::went_on) resume_job(j);
 }
 
+// A job that caught job_cancelled and went on (awaited again, or ended normally) is a bug in
+// the job: reported once, naming it. It goes on unwinding: each later co_await throws again.
+inline void note_went_on(job_ctx* j) {
+  if (j->reach == job_ctx::cancel_reach::went_on) return;
+  j->reach = job_ctx::cancel_reach::went_on;
+  const std::string name = j->extra.name_or_job();
+  j->loop->report(name, std::make_exception_ptr(std::logic_error(
+                           "coro_jobs: job '" + name + "' caught job_cancelled and went on; "
+                           "rethrow it (catch (...) { ...; throw; })")));
+}
+
 // The top frame has ended (or was dropped unstarted): wake handle awaiters, report an error
 // that nobody can retrieve any more, and drop the frame's reference.
 inline void loop_impl::job_finished(job_ctx* j) {
@@ -3081,17 +2082,6 @@ inline void loop_impl::run_start(job_ctx* j) {
   l->current = outer;
 }
 
-// A job that caught job_cancelled and went on (awaited again, or ended normally) is a bug in
-// the job: reported once, naming it. It goes on unwinding: each later co_await throws again.
-inline void note_went_on(job_ctx* j) {
-  if (j->reach == job_ctx::cancel_reach::went_on) return;
-  j->reach = job_ctx::cancel_reach::went_on;
-  const std::string name = j->extra.name_or_job();
-  j->loop->report(name, std::make_exception_ptr(std::logic_error(
-                           "coro_jobs: job '" + name + "' caught job_cancelled and went on; "
-                           "rethrow it (catch (...) { ...; throw; })")));
-}
-
 // A job's error is seen by result() or an awaiter: it need not be reported any more.
 inline void observe_error(job_ctx* j) noexcept {
   if (j->error_is == job_ctx::fault::unseen) j->error_is = job_ctx::fault::seen;
@@ -3121,80 +2111,632 @@ inline void drop_handle(job_ctx* s) {
   }
   s->release();
 }
-
-// ---- What jobs and tasks ask of the loop (declared before the templates)
-
-inline void check_thread(loop_impl& l, const char* what) { l.check_thread(what); }
-inline event_loop& event_loop_of(loop_impl& l) noexcept { return *l.self; }
-inline void resume_next(loop_impl& l, std::coroutine_handle<> h) noexcept { l.next = h; }
-inline void enqueue(loop_impl& l, job_ctx* j, std::coroutine_handle<> h) { l.enqueue(j, h); }
-inline void job_finished(job_ctx* j) { j->loop->job_finished(j); }
-inline void finish_now(job_ctx* j) { j->loop->finish_now(j); }
-inline void report(loop_impl& l, std::string name, std::exception_ptr e) {
-  l.report(std::move(name), std::move(e));
+// ---- thread functions: what a threaded_task asks of the loop
+inline void loop_impl::submit_thread(std::shared_ptr<pool_task> work) {
+  worker_pool::submit(pool, std::move(work));
+  kick_pool = true;
+  ++outstanding;
+  ++threads_out;
 }
-inline void reserve_start(loop_impl& l) { l.ready.push_back({item::start, nullptr}); }
-inline void unreserve_start(loop_impl& l) noexcept { l.ready.pop_back(); }
-inline void commit_start(loop_impl& l, job_ctx* j) noexcept {
-  l.link(j);
-  l.ready.back().arg = j;
+inline void loop_impl::thread_returned() noexcept {
+  --outstanding;
+  --threads_out;
 }
-inline const std::shared_ptr<inbox>& inbox_of(loop_impl& l) noexcept { return l.box; }
-inline bool post_remote(inbox& b, std::function<void()> fn, const char* who) {
-  return b.push({who, std::move(fn)});
-}
-inline void submit_thread(loop_impl& l, std::shared_ptr<pool_task> work) {
-  worker_pool::submit(l.pool, std::move(work));
-  l.kick_pool = true;
-  ++l.outstanding;
-  ++l.threads_out;
-}
-inline void thread_returned(loop_impl& l) noexcept {
-  --l.outstanding;
-  --l.threads_out;
-}
-// hardware_concurrency() counts the machine's CPUs; `taskset -c 0` leaves one usable.
 // A cancelled job's function that no worker has taken yet is taken out of the queue: it
 // never runs, and the job need not wait for it.
-inline bool withdraw_thread(loop_impl& l, pool_task* t) noexcept {
-  if (!l.pool->withdraw(t)) return false;
-  thread_returned(l);
+inline bool loop_impl::withdraw_thread(pool_task* t) noexcept {
+  if (!pool->withdraw(t)) return false;
+  thread_returned();
   return true;
 }
-inline void abandon_thread(loop_impl& l, std::shared_ptr<pool_task> t) noexcept {
-  std::erase_if(l.abandoned, [](const auto& a) { return a->returned.load(std::memory_order_acquire); });
+inline void loop_impl::abandon_thread(std::shared_ptr<pool_task> t) noexcept {
+  std::erase_if(abandoned, [](const auto& a) { return a->returned.load(std::memory_order_acquire); });
   try {
-    l.abandoned.push_back(std::move(t));
+    abandoned.push_back(std::move(t));
   } catch (...) {  // unrecorded, it cannot be waited for: the workers are then left detached
-    l.detach_workers = true;
+    detach_workers = true;
   }
 }
-inline void wait_for_thread(loop_impl& l, job_ctx* j, const pool_task& t) noexcept {
+// Blocks until t's function has returned; the watchdog names j if that holds the loop.
+inline void loop_impl::wait_for_thread(job_ctx* j, const pool_task& t) noexcept {
   const auto t0 = clock_type::now();
   t.returned.wait(false, std::memory_order_acquire);
   const auto held = clock_type::now() - t0;
-  if (l.watchdog <= duration::zero() || held <= l.watchdog) return;
+  if (watchdog <= duration::zero() || held <= watchdog) return;
   try {
-    l.report_slow(j->extra.name_or_job() + " waiting for its cancelled threaded_task", held);
+    report_slow(j->extra.name_or_job() + " waiting for its cancelled threaded_task", held);
   } catch (...) {
-    l.report("watchdog", std::current_exception());
+    report("watchdog", std::current_exception());
   }
 }
-inline unsigned usable_cpus() noexcept {
-#ifdef __linux__
-  cpu_set_t set;
-  CPU_ZERO(&set);
-  if (::sched_getaffinity(0, sizeof set, &set) == 0 && CPU_COUNT(&set) > 0) return unsigned(CPU_COUNT(&set));
-#endif
-  const unsigned hw = std::thread::hardware_concurrency();
-  return hw ? hw : 1;
+
+// --- Which loop --------------------------------------------------------------------------
+
+// Loops by owning thread, for start_job(job) outside run(). Never destroyed, so a loop that
+// outlives static destruction can still unregister.
+struct registry_t {
+  std::mutex m;
+  std::vector<std::pair<std::thread::id, event_loop*>> loops;
+};
+inline registry_t& registry() {
+  static registry_t* r = new registry_t;
+  return *r;
 }
-inline void count_callback(loop_impl& l, bool waiting) noexcept {
-  if (waiting)
-    ++l.outstanding;
+inline event_loop*& running_loop() noexcept {
+  thread_local event_loop* p = nullptr;
+  return p;
+}
+inline event_loop& current_loop() {
+  if (event_loop* p = running_loop()) return *p;
+  auto& r = registry();
+  std::lock_guard<std::mutex> lock(r.m);
+  const auto id = std::this_thread::get_id();
+  for (auto it = r.loops.rbegin(); it != r.loops.rend(); ++it)
+    if (it->first == id) return *it->second;
+  fail_logic("coro_jobs: start_job(job) found no event_loop on this thread; create one first or pass it");
+}
+
+// A job_handle destroyed on another thread must not touch the job's counts, which belong to
+// the loop thread: its release is posted there. The registry's lock keeps the loop alive
+// while we post. The release happens on the loop thread only: when the post runs, or when
+// the loop drops it unrun because it is being destroyed. If the loop is already gone,
+// nothing of the loop's can race any more, and the handle is released here.
+inline void drop_handle_elsewhere(job_ctx* s) noexcept {
+  struct release_later {
+    job_ctx* s;
+    std::thread::id owner;  // copied: s may be freed by release()
+    std::atomic<bool> released{false};
+    explicit release_later(job_ctx* p) noexcept : s(p), owner(p->owner) {}
+    void release() noexcept {
+      if (!released.exchange(true)) drop_handle(s);
+    }
+    ~release_later() {
+      if (std::this_thread::get_id() == owner) release();
+    }
+  };
+  auto& r = registry();
+  std::lock_guard<std::mutex> lock(r.m);
+  for (const auto& [id, loop] : r.loops) {
+    if (&access::impl(*loop) != s->home) continue;
+    try {
+      auto keep = std::make_shared<release_later>(s);
+      loop->post([keep] { keep->release(); });
+    } catch (...) {  // out of memory: the reference leaks rather than races
+    }
+    return;
+  }
+  drop_handle(s);
+}
+
+// --- Promise and awaiters -----------------------------------------------------------------
+
+template <class T> struct always_false : std::false_type {};
+
+template <class A>
+concept internal_awaiter = std::remove_cvref_t<A>::coro_jobs_internal;
+
+// co_await this_job{} inside a job yields its job_ctx (for when_all and friends).
+struct this_job {};
+struct this_job_awaiter {
+  job_ctx* ctx;
+  bool await_ready() const noexcept { return true; }
+  void await_suspend(std::coroutine_handle<>) const noexcept {}
+  job_ctx* await_resume() const noexcept { return ctx; }
+};
+template <class T> struct is_handle : std::false_type {};
+template <class T> struct is_handle<job_handle<T>> : std::true_type {};
+
+inline void require_job(job_ctx* ctx) {
+  if (!ctx) fail_logic("coro_jobs: tasks can only be co_awaited inside a coro_jobs::job");
+}
+
+template <class T> struct job_awaiter;
+template <class T> struct handle_awaiter;
+
+inline bool is_cancellation(const std::exception_ptr& e) noexcept {
+  try {
+    std::rethrow_exception(e);
+  } catch (const job_cancelled&) {
+    return true;
+  } catch (...) {
+    return false;
+  }
+}
+
+// The one place that decides what cancellation does to a co_await in a job's code. Before
+// job_cancelled has been thrown into the job, a cancelled job's co_await throws it at once
+// (or, if the wait was already under way, the wait was withdrawn and resumes throwing it).
+// After that, each later co_await first yields to the loop, then throws: a job that catches
+// job_cancelled and goes on cannot hold the loop, and it is reported once (note_went_on).
+template <class A>  // an awaiter, or a reference to a task that is its own awaiter
+struct cancel_point {
+  A a;
+  job_ctx* ctx;
+  enum class path : std::uint8_t { wait, throw_now, yield_then_throw } how = path::wait;
+
+  bool await_ready() {
+    if (!ctx->cancelled()) return a.await_ready();
+    if (ctx->reach == job_ctx::cancel_reach::requested) {
+      how = path::throw_now;
+      return true;
+    }
+    note_went_on(ctx);
+    how = path::yield_then_throw;
+    return false;
+  }
+  void await_suspend(std::coroutine_handle<> h) {
+    static_assert(std::is_void_v<decltype(a.await_suspend(h))>);
+    if (how == path::yield_then_throw) return ctx->loop->enqueue(ctx, h);
+    a.await_suspend(h);
+  }
+  decltype(auto) await_resume() {
+    if (how != path::wait) {
+      ctx->reach = std::max(ctx->reach, job_ctx::cancel_reach::thrown);
+      throw job_cancelled{};
+    }
+    if (!ctx->cancelled()) return a.await_resume();
+    // Cancelled during the wait: the awaiter throws job_cancelled, unless what it waited for
+    // had already ended (a child that returned before its own job cancelled it).
+    try {
+      return a.await_resume();
+    } catch (const job_cancelled&) {
+      ctx->reach = std::max(ctx->reach, job_ctx::cancel_reach::thrown);
+      throw;
+    }
+  }
+};
+
+struct final_awaiter {
+  bool await_ready() noexcept { return false; }
+  // A child hands control to its parent through the loop's resume() (no stack growth
+  // however long the chain). The top frame hands its result to the job state and
+  // destroys itself.
+  template <class P>
+  void await_suspend(std::coroutine_handle<P> h) noexcept {
+    P& p = h.promise();
+    job_ctx* j = p.ctx;
+    if (p.continuation) {
+      j->loop->next = p.continuation;
+      return;
+    }
+    p.store_result();
+    j->root = {};
+    h.destroy();
+    j->loop->job_finished(j);
+  }
+  void await_resume() noexcept {}
+};
+
+struct promise_base {
+  job_ctx* ctx = nullptr;                // the started job this frame runs for
+  std::coroutine_handle<> continuation;  // the parent frame; null for the top frame
+  std::exception_ptr error;
+
+  std::suspend_always initial_suspend() noexcept { return {}; }
+  final_awaiter final_suspend() noexcept { return {}; }
+  void unhandled_exception() noexcept { error = std::current_exception(); }
+
+  // Every wait of a job's own code goes through a cancel_point, which decides what a
+  // cancel does to it; the library's internal waits (this_job, shielded, when_all's) do not.
+  template <class U> cancel_point<job_awaiter<U>> await_transform(job<U>&& j) noexcept {
+    return {job_awaiter<U>(j, ctx), ctx};
+  }
+  template <class U> cancel_point<job_awaiter<U>> await_transform(job<U>& j) noexcept {
+    return {job_awaiter<U>(j, ctx), ctx};
+  }
+  template <class U> cancel_point<handle_awaiter<U>> await_transform(const job_handle<U>& h) {
+    return {handle_awaiter<U>(h, ctx), ctx};
+  }
+  template <class A>
+    requires std::derived_from<std::remove_cvref_t<A>, op_base>
+  cancel_point<A&> await_transform(A&& a) noexcept {
+    a.ctx = ctx;
+    return {a, ctx};
+  }
+  this_job_awaiter await_transform(this_job) noexcept { return {ctx}; }
+  cancel_point<sleep_op> await_transform(sleep_for s) noexcept;
+  template <class U> shield_awaiter<U>&& await_transform(shield_awaiter<U>&& a) noexcept {
+    a.ctx = ctx;
+    return std::move(a);
+  }
+  template <class A>
+    requires internal_awaiter<A>  // when_all's own waits
+  A&& await_transform(A&& a) noexcept {
+    return std::forward<A>(a);
+  }
+  template <class A>
+    requires(!std::derived_from<std::remove_cvref_t<A>, op_base> &&
+             !is_job<std::remove_cvref_t<A>>::value && !is_handle<std::remove_cvref_t<A>>::value &&
+             !std::is_same_v<std::remove_cvref_t<A>, this_job> && !internal_awaiter<A> &&
+             !is_shield<std::remove_cvref_t<A>>::value)
+  A&& await_transform(A&& a) noexcept {
+    static_assert(always_false<A>::value,
+                  "a coro_jobs::job can co_await jobs, job_handles and coro_jobs tasks only "
+                  "(so that cancellation reaches every wait); wrap other asynchronous APIs "
+                  "in callback_task");
+    return std::forward<A>(a);
+  }
+
+ protected:
+  void store_error(job_ctx* j) {
+    const bool cancel = is_cancellation(error);
+    j->set_error(std::move(error), cancel);
+  }
+};
+
+template <class T>
+struct job_promise : promise_base {
+  std::optional<T> value;
+  job<T> get_return_object() noexcept {
+    return access::make_job<T>(std::coroutine_handle<job_promise>::from_promise(*this));
+  }
+  void return_value(T v) { value.emplace(std::move(v)); }
+  void store_result() {
+    if (error) return store_error(ctx);
+    static_cast<job_state<T>*>(ctx)->value = std::move(value);
+  }
+  T take() {
+    if (error) std::rethrow_exception(error);
+    return std::move(*value);
+  }
+};
+
+template <>
+struct job_promise<void> : promise_base {
+  job<void> get_return_object() noexcept {
+    return access::make_job<void>(std::coroutine_handle<job_promise>::from_promise(*this));
+  }
+  void return_void() noexcept {}
+  void store_result() {
+    if (error) store_error(ctx);
+  }
+  void take() {
+    if (error) std::rethrow_exception(error);
+  }
+};
+
+// co_await of a child job: the child runs in this job's context (its cancellation included)
+// and its frame is destroyed as soon as its result is taken.
+template <class T>
+struct job_awaiter {
+  using handle = std::coroutine_handle<job_promise<T>>;
+  handle& child;  // the job object's handle, emptied here
+  job_ctx* ctx;
+  child_link link{};
+
+  static void destroy_child(void* slot) noexcept {
+    handle& h = *static_cast<handle*>(slot);
+    std::exchange(h, {}).destroy();
+  }
+  job_awaiter(job<T>& j, job_ctx* c) noexcept : child(access::handle(j)), ctx(c) {}
+  bool await_ready() {
+    require_job(ctx);
+    if (!child) throw std::invalid_argument("coro_jobs: co_await of an empty job (moved-from or already awaited)");
+    // Another job (holding a reference to the same job object) already awaits it: its frame
+    // has a parent, and resuming it a second time would run a frame that may be gone.
+    if (child.promise().continuation)
+      throw std::invalid_argument("coro_jobs: co_await of a job that is already being awaited");
+    return ctx->cancelled();
+  }
+  void await_suspend(std::coroutine_handle<> parent) noexcept {
+    auto& p = child.promise();
+    p.ctx = ctx;
+    p.continuation = parent;
+    link = {&child, &destroy_child, ctx->innermost};
+    ctx->innermost = &link;
+    ctx->loop->next = child;  // loop_impl::resume() runs it as soon as we return
+  }
+  T await_resume() {
+    if (!link.slot) throw job_cancelled{};
+    ctx->innermost = link.outer;
+    struct destroy_on_exit {
+      handle h;
+      ~destroy_on_exit() { h.destroy(); }
+    } d{std::exchange(child, {})};
+    return d.h.promise().take();
+  }
+};
+
+template <class T>
+struct handle_awaiter final : handle_waiter {
+  job_handle<T> h;  // keeps the awaited job's state alive while we wait
+  handle_awaiter(const job_handle<T>& hh, job_ctx* c) : h(hh) { ctx = c; }
+  bool await_ready() {
+    require_job(ctx);
+    auto* s = access::state(h);
+    if (!s) throw std::invalid_argument("coro_jobs: co_await of an empty job_handle");
+    if (s == ctx) fail_logic("coro_jobs: a job cannot co_await its own handle");
+    if (!s->done() && s->loop != ctx->loop) fail_logic("coro_jobs: co_await of a job on another event_loop");
+    return ctx->cancelled() || s->done();
+  }
+  void await_suspend(std::coroutine_handle<> w) noexcept {
+    auto* s = access::state(h);
+    waiter = w;
+    target = s;
+    next = s->waiters;
+    s->waiters = this;
+    park();
+  }
+  T await_resume() {
+    if (ctx->cancelled()) throw job_cancelled{};
+    return access::state(h)->get();
+  }
+};
+
+// --- Tasks ------------------------------------------------------------------------------
+
+// What sleep_task returns: only the duration; the job's await_transform makes the sleep_op
+// that waits. GCC keeps both the co_await operand and its awaiter in the frame, so a
+// one-word operand saves 40 bytes in every sleeping frame (bench W2: a million of them).
+// Outside a job (no await_transform), operator co_await makes one that throws logic_error.
+struct [[nodiscard]] sleep_for {
+  duration d;
+  sleep_op operator co_await() const noexcept;
+};
+
+class sleep_op final : public op_base, public timer_owner {
+ public:
+  sleep_op(duration d, job_ctx* c) noexcept : at_(d) { ctx = c; }
+  bool await_ready() const;
+  void await_suspend(std::coroutine_handle<> h);
+  duration await_resume() const;
+  void cancel_op() noexcept override;
+  const char* what() const noexcept override;
+
+ private:
+  static void fire(timer_owner* self, loop_impl& l);
+  // The duration asked for, held as an offset from the epoch until the wait begins, then
+  // the wait's start: one word for both, since every sleeping frame holds one (bench W2).
+  time_point at_;
+};
+
+inline cancel_point<sleep_op> promise_base::await_transform(sleep_for s) noexcept {
+  return {sleep_op(s.d, ctx), ctx};
+}
+inline sleep_op sleep_for::operator co_await() const noexcept { return {d, nullptr}; }
+
+class [[nodiscard]] fd_op final : public op_base, public fd_owner {
+ public:
+  fd_op(int fd, short events) noexcept : fd_owner(fd, events) { one_shot = true; }
+  bool await_ready() const;
+  void await_suspend(std::coroutine_handle<> h);
+  short await_resume() const;
+  void cancel_op() noexcept override;
+  const char* what() const noexcept override;
+  void fd_ready(loop_impl& l, short ev) noexcept override;
+
+ private:
+  short revents_ = 0;
+};
+
+// A value or an exception, written by one thread and read by the loop thread after the
+// inbox handed it over (the inbox's mutex orders the two).
+template <class T>
+struct result_box {
+  std::optional<T> value;
+  std::exception_ptr error;
+  template <class... A> void set(A&&... a) { value.emplace(std::forward<A>(a)...); }
+  // The error is released here, on the loop thread, not by whichever thread drops the
+  // last reference to the shared state.
+  T take() {
+    if (error) std::rethrow_exception(std::exchange(error, nullptr));
+    return std::move(*value);
+  }
+};
+template <>
+struct result_box<void> {
+  std::exception_ptr error;
+  void set() noexcept {}
+  void take() {
+    if (error) std::rethrow_exception(std::exchange(error, nullptr));
+  }
+};
+
+// The function, its result and the way back to the loop, in one allocation. `abandoned`
+// and `op` belong to the loop thread; the worker writes only `result` and `returned` before
+// it hands the state to the inbox. `abandoned`: the job no longer waits for the completion
+// (withdrawn unrun, waited for by a job scope, or let go by abandon_on_cancel).
+template <class R, class Fn>
+struct thread_work final : pool_task {
+  std::stop_source stop;
+  result_box<R> result;
+  op_base* op = nullptr;
+  bool abandoned = false;
+  std::optional<Fn> fn;
+  std::shared_ptr<inbox> box;  // outlives the loop, for a worker that finishes late
+  loop_impl* loop;
+
+  thread_work(Fn f, std::shared_ptr<inbox> b, loop_impl* l) : fn(std::move(f)), box(std::move(b)), loop(l) {}
+  void run(std::shared_ptr<pool_task>& self) override {
+    try {
+      if constexpr (std::is_void_v<R>)
+        (*fn)(this->stop.get_token());
+      else
+        this->result.set((*fn)(this->stop.get_token()));
+    } catch (...) {
+      this->result.error = std::current_exception();
+    }
+    fn.reset();  // the function's captures die on the worker, as with std::thread
+    mark_returned();
+    std::shared_ptr<inbox> b = box;
+    b->push({nullptr, [me = std::static_pointer_cast<thread_work>(std::move(self))] { me->arrived(); }});
+  }
+  void arrived() {  // on the loop thread
+    if (abandoned) return;  // counted out when it was abandoned
+    loop->thread_returned();
+    op->ctx->pending = nullptr;
+    loop->enqueue(op->ctx, op->waiter);
+  }
+};
+
+template <class R, class Fn>
+class [[nodiscard]] thread_op final : public op_base {
+ public:
+  thread_op(Fn fn, bool abandon) : fn_(std::move(fn)), abandon_(abandon) {}
+  bool await_ready() const {
+    require_job(ctx);
+    return ctx->cancelled();
+  }
+  void await_suspend(std::coroutine_handle<> h) {
+    loop_impl& l = *ctx->loop;
+    work_ = std::make_shared<thread_work<R, Fn>>(std::move(fn_), l.box, &l);
+    work_->op = this;
+    waiter = h;
+    l.submit_thread(work_);
+    park();
+  }
+  R await_resume() {
+    if (ctx->cancelled()) throw job_cancelled{};
+    return work_->result.take();
+  }
+  // A queued function is withdrawn and never runs. A running one is asked to stop, and the
+  // job waits for it to return (holds_job), unless it was started with abandon_on_cancel.
+  void cancel_op() noexcept override {
+    loop_impl& l = *ctx->loop;
+    if (l.withdraw_thread(work_.get())) {
+      work_->abandoned = true;
+      return;
+    }
+    work_->stop.request_stop();
+    if (abandon_) let_go(l, true);
+  }
+  bool holds_job() const noexcept override { return !work_->abandoned; }
+  void wait_stopped() noexcept override {
+    ctx->loop->wait_for_thread(ctx, *work_);
+    let_go(*ctx->loop, false);
+  }
+  const char* what() const noexcept override { return "threaded_task"; }
+
+ private:
+  void let_go(loop_impl& l, bool running) noexcept {
+    work_->abandoned = true;
+    l.thread_returned();  // run() does not wait for it any more
+    if (running) l.abandon_thread(work_);
+  }
+  Fn fn_;
+  bool abandon_;
+  std::shared_ptr<thread_work<R, Fn>> work_;
+};
+
+template <class T>
+struct callback_state : std::enable_shared_from_this<callback_state<T>> {
+  std::atomic<bool> claimed{false};
+  result_box<T> result;
+  std::shared_ptr<inbox> box;
+  loop_impl* loop;
+  op_base* op = nullptr;  // loop thread only, as are the flags
+  bool cancelled = false, counted = false;
+
+  callback_state(std::shared_ptr<inbox> b, loop_impl* l) : box(std::move(b)), loop(l) {}
+  template <class... A> void set_value(A&&... a) {
+    result.set(std::forward<A>(a)...);
+    deliver();
+  }
+  void set_error(std::exception_ptr e) {
+    result.error = std::move(e);
+    deliver();
+  }
+  void deliver() {
+    box->push({nullptr, [s = this->shared_from_this()] { s->arrived(); }});
+  }
+  void uncount() noexcept {
+    if (counted) {
+      counted = false;
+      --loop->outstanding;
+    }
+  }
+  void arrived() {
+    uncount();
+    if (cancelled) return;
+    op->ctx->pending = nullptr;
+    loop->enqueue(op->ctx, op->waiter);
+  }
+  void called_twice() {
+    box->push({nullptr, [l = loop] {
+      l->report("task_return", std::make_exception_ptr(std::logic_error(
+                                   "coro_jobs: task_return called more than once")));
+    }});
+  }
+};
+
+// Held by every copy of a task_return; when the last copy dies without a call, the job gets
+// an error instead of waiting forever (std::promise's broken_promise, for callbacks).
+template <class T>
+struct return_token {
+  std::shared_ptr<callback_state<T>> st;
+  explicit return_token(std::shared_ptr<callback_state<T>> s) : st(std::move(s)) {}
+  ~return_token() {
+    if (!st->claimed.exchange(true)) {
+      st->set_error(std::make_exception_ptr(
+          std::logic_error("coro_jobs: task_return destroyed without being called")));
+    }
+  }
+  return_token(const return_token&) = delete;
+  return_token& operator=(const return_token&) = delete;
+};
+
+template <class R>
+constexpr bool is_canceller() {
+  if constexpr (std::is_void_v<R>)
+    return true;
   else
-    --l.outstanding;
+    return std::is_invocable_v<R&>;
 }
+
+template <class T, class Start>
+class [[nodiscard]] callback_op final : public op_base {
+  using start_result = std::invoke_result_t<Start&, task_return<T>>;
+  static_assert(is_canceller<start_result>(),
+                "callback_task: start must return void or a canceller callable with no arguments");
+  using canceller = std::conditional_t<std::is_void_v<start_result>, char, start_result>;
+
+ public:
+  explicit callback_op(Start s) : start_(std::move(s)) {}
+  bool await_ready() const {
+    require_job(ctx);
+    return ctx->cancelled();
+  }
+  void await_suspend(std::coroutine_handle<> h) {
+    loop_impl& l = *ctx->loop;
+    st_ = std::make_shared<callback_state<T>>(l.box, &l);
+    st_->op = this;
+    waiter = h;
+    task_return<T> ret(std::make_shared<return_token<T>>(st_));
+    try {
+      if constexpr (std::is_void_v<start_result>)
+        start_(std::move(ret));
+      else
+        cancel_.emplace(start_(std::move(ret)));
+    } catch (...) {
+      st_->cancelled = true;  // whatever start did with task_return is ignored now
+      throw;
+    }
+    st_->counted = true;
+    ++l.outstanding;
+    park();
+  }
+  T await_resume() {
+    if (ctx->cancelled()) throw job_cancelled{};
+    return st_->result.take();
+  }
+  const char* what() const noexcept override { return "callback_task"; }
+  void cancel_op() noexcept override {
+    st_->cancelled = true;
+    st_->uncount();
+    if constexpr (!std::is_void_v<start_result>) {
+      try {
+        if (cancel_) (*cancel_)();
+      } catch (...) {
+        st_->loop->report("canceller", std::current_exception());
+      }
+    }
+  }
+
+ private:
+  Start start_;
+  std::shared_ptr<callback_state<T>> st_;
+  std::optional<canceller> cancel_;
+};
 
 // ---- Sleeps and fd waits
 
@@ -3255,6 +2797,70 @@ inline void fd_op::fd_ready(loop_impl& l, short ev) noexcept {
   ctx->pending = nullptr;
   l.enqueue(ctx, waiter);
 }
+// --- Composition: branches and groups --------------------------------------------------
+
+template <class T>
+job_handle<T> start_for(job_ctx* parent, job<T>& j, const char* kind, std::optional<std::size_t> index);
+
+template <class T> struct void_to_monostate { using type = T; };
+template <> struct void_to_monostate<void> { using type = std::monostate; };
+
+template <class T> struct await_result {  // tasks
+  using type = std::decay_t<decltype(std::declval<T&>().await_resume())>;
+};
+template <class T> struct await_result<job<T>> { using type = T; };
+template <> struct await_result<sleep_for> { using type = duration; };
+template <class T> struct await_result<job_handle<T>> { using type = T; };
+template <class T> struct await_value : void_to_monostate<typename await_result<T>::type> {};
+
+// One branch: awaits `a` in a job of its own and hands the result to its slot and group.
+template <class A, class V>
+job<> branch(A a, group* g, std::size_t i, std::optional<V>* slot) {
+  job_ctx* const self = co_await this_job{};
+  std::exception_ptr e;
+  try {
+    if constexpr (std::is_void_v<typename await_result<A>::type>) {
+      co_await std::move(a);
+      slot->emplace();
+    } else {
+      slot->emplace(co_await std::move(a));
+    }
+  } catch (...) {
+    e = std::current_exception();
+  }
+  g->branch_done(i, std::move(e));
+  if (self->cancelled()) throw job_cancelled{};  // its error, if any, went to the group
+}
+
+// Starts one branch job per awaitable, named after the awaiting job.
+template <class... A, std::size_t... I>
+void start_branches(group& g, std::tuple<std::optional<await_value_t<A>>...>& slots,
+                    std::index_sequence<I...>, A&... a) {
+  g.ctx->branches = &g;  // for job_ctx::finish_now
+  g.left = sizeof...(A);
+  auto own_handle = [&](auto& x) {
+    if constexpr (is_handle<std::remove_cvref_t<decltype(x)>>::value)
+      if (access::state(x) == g.ctx) fail_logic("coro_jobs: a job cannot wait for its own handle");
+  };
+  (own_handle(a), ...);
+  g.branches.reserve(sizeof...(A));  // so that no push_back below can fail once a branch runs
+  auto one = [&](auto&& j, std::size_t i) {
+    auto h = start_for(g.ctx, j, g.kind, i);
+    job_ctx* c = access::state(h);
+    ++c->refs;
+    g.branches.push_back(c);
+  };
+  try {
+    (one(branch(std::move(a), &g, I, &std::get<I>(slots)), I), ...);
+  } catch (...) {
+    // Out of memory part way (a branch's frame, name or ready slot): the branches started so
+    // far point into this frame (g, slots), which the error is about to destroy. None has
+    // run yet, so finishing them now destroys their frames unstarted.
+    for (job_ctx* b : g.branches) b->loop->finish_now(b);
+    throw;
+  }
+}
+
 
 inline group::group(const char* k, bool a) noexcept : kind(k), any(a) {}
 inline group::~group() {
@@ -3340,65 +2946,420 @@ inline void group::rethrow() {
   if (error) std::rethrow_exception(error);
 }
 
-// --- Which loop --------------------------------------------------------------------------
+// --- Shielded waits -------------------------------------------------------------------------
 
-// Loops by owning thread, for start_job(job) outside run(). Never destroyed, so a loop that
-// outlives static destruction can still unregister.
-struct registry_t {
-  std::mutex m;
-  std::vector<std::pair<std::thread::id, event_loop*>> loops;
-};
-inline registry_t& registry() {
-  static registry_t* r = new registry_t;
-  return *r;
-}
-inline event_loop*& running_loop() noexcept {
-  thread_local event_loop* p = nullptr;
-  return p;
-}
-inline event_loop& current_loop() {
-  if (event_loop* p = running_loop()) return *p;
-  auto& r = registry();
-  std::lock_guard<std::mutex> lock(r.m);
-  const auto id = std::this_thread::get_id();
-  for (auto it = r.loops.rbegin(); it != r.loops.rend(); ++it)
-    if (it->first == id) return *it->second;
-  fail_logic("coro_jobs: start_job(job) found no event_loop on this thread; create one first or pass it");
+template <class T, class A>
+job<T> shield_body(A a) {
+  if constexpr (std::is_void_v<T>)
+    co_await std::move(a);
+  else
+    co_return co_await std::move(a);
 }
 
-// A job_handle destroyed on another thread must not touch the job's counts, which belong to
-// the loop thread: its release is posted there. The registry's lock keeps the loop alive
-// while we post. The release happens on the loop thread only: when the post runs, or when
-// the loop drops it unrun because it is being destroyed. If the loop is already gone,
-// nothing of the loop's can race any more, and the handle is released here.
-inline void drop_handle_elsewhere(job_ctx* s) noexcept {
-  struct release_later {
-    job_ctx* s;
-    std::thread::id owner;  // copied: s may be freed by release()
-    std::atomic<bool> released{false};
-    explicit release_later(job_ctx* p) noexcept : s(p), owner(p->owner) {}
-    void release() noexcept {
-      if (!released.exchange(true)) drop_handle(s);
-    }
-    ~release_later() {
-      if (std::this_thread::get_id() == owner) release();
-    }
-  };
-  auto& r = registry();
-  std::lock_guard<std::mutex> lock(r.m);
-  for (const auto& [id, loop] : r.loops) {
-    if (&access::impl(*loop) != s->home) continue;
-    try {
-      auto keep = std::make_shared<release_later>(s);
-      loop->post([keep] { keep->release(); });
-    } catch (...) {  // out of memory: the reference leaks rather than races
-    }
-    return;
+// Waits for the shielded job like a handle awaiter, but is never the job's `pending` wait,
+// so the awaiting job's cancel() does not reach it. Started at the co_await, not before:
+// shielded(a) built but never awaited runs nothing.
+template <class T>
+struct [[nodiscard]] shield_awaiter {
+  struct shield_wait final : handle_waiter {};
+  job<T> body;
+  job_ctx* ctx = nullptr;  // set by await_transform
+  job_handle<T> h;
+  shield_wait w;
+
+  explicit shield_awaiter(job<T> b) noexcept : body(std::move(b)) {}
+  shield_awaiter(shield_awaiter&& o) noexcept : body(std::move(o.body)), ctx(o.ctx) {}
+  bool await_ready() {
+    require_job(ctx);
+    h = start_for(ctx, body, "shielded", std::nullopt);
+    return false;
   }
-  drop_handle(s);
+  void await_suspend(std::coroutine_handle<> hh) noexcept {
+    job_ctx* s = access::state(h);
+    w.ctx = ctx;
+    w.waiter = hh;
+    w.target = s;
+    w.next = s->waiters;
+    s->waiters = &w;
+  }
+  T await_resume() { return static_cast<job_state<T>*>(access::state(h))->get(); }
+};
+
+// --- Progress ------------------------------------------------------------------------------
+
+template <class T>
+struct progress_state : std::enable_shared_from_this<progress_state<T>> {
+  std::mutex m;
+  std::optional<T> latest;  // guarded by m
+  bool queued = false;      // guarded by m: a delivery is on its way
+  bool alive = true;        // loop thread only: the progress object exists
+  std::function<void(T)> on_progress;
+  std::shared_ptr<inbox> box;
+  loop_impl* loop;
+
+  void report(T v) {
+    {
+      std::lock_guard<std::mutex> lock(m);
+      latest = std::move(v);
+      if (queued) return;  // the queued delivery will carry the newest value
+      queued = true;
+    }
+    box->push({"progress", [s = this->shared_from_this()] { deliver(s.get()); }});
+  }
+  static void deliver(progress_state* s) {  // a posted callback: its errors are reported
+    std::optional<T> v;
+    {
+      std::lock_guard<std::mutex> lock(s->m);
+      v = std::move(s->latest);
+      s->latest.reset();
+      s->queued = false;
+    }
+    if (!s->alive || !v) return;
+    // Called from a local: a callback that ends the job destroys the progress object,
+    // whose destructor would otherwise free the function (and its captures) mid-call.
+    struct put_back {
+      progress_state* s;
+      std::function<void(T)> fn;
+      ~put_back() {
+        if (s->alive) s->on_progress = std::move(fn);
+      }
+    } running{s, std::move(s->on_progress)};
+    running.fn(std::move(*v));
+  }
+};
+}  // namespace detail
+
+// ======================================================================================
+//                               PUBLIC API: definitions
+// ======================================================================================
+
+template <class Rep, class Period>
+callback_handle event_loop::call_later(std::chrono::duration<Rep, Period> delay,
+                                       std::function<void()> fn) {
+  return call_later_impl(detail::saturate(delay), std::move(fn));
+}
+template <class Rep, class Period>
+void event_loop::advance(std::chrono::duration<Rep, Period> d) {
+  advance_impl(detail::saturate(d));
+}
+template <class Rep, class Period>
+void event_loop::set_watchdog(std::chrono::duration<Rep, Period> threshold, watchdog_handler handler) {
+  set_watchdog_impl(detail::saturate(threshold), std::move(handler));
 }
 
+template <class T>
+job_handle<T>::job_handle(const job_handle& o) : s_(o.s_) {
+  if (!s_) return;
+  if (s_->owner != std::this_thread::get_id())
+    detail::fail_logic("coro_jobs: job_handle copied on a thread that does not own its loop");
+  ++s_->refs, ++s_->handles;
+}
+template <class T>
+job_handle<T>& job_handle<T>::operator=(const job_handle& o) {
+  if (this != &o) {
+    job_handle tmp(o);
+    std::swap(s_, tmp.s_);
+  }
+  return *this;
+}
+template <class T>
+job_handle<T>& job_handle<T>::operator=(job_handle&& o) noexcept {
+  if (this != &o) {
+    job_handle tmp(std::move(o));
+    std::swap(s_, tmp.s_);
+  }
+  return *this;
+}
+template <class T>
+job_handle<T>::~job_handle() {
+  if (!s_) return;
+  if (s_->owner == std::this_thread::get_id())
+    detail::drop_handle(s_);
+  else
+    detail::drop_handle_elsewhere(s_);
+}
+template <class T>
+bool job_handle<T>::done() const {
+  if (!s_) throw std::invalid_argument("coro_jobs: done() of an empty job_handle");
+  if (!s_->done())
+    s_->loop->check_thread("coro_jobs: job_handle used from a thread that does not own the loop");
+  return s_->done();
+}
+template <class T>
+bool job_handle<T>::cancel() {
+  if (!s_ || s_->done()) return false;
+  s_->loop->check_thread("coro_jobs: job_handle used from a thread that does not own the loop");
+  return s_->cancel();
+}
+template <class T>
+T job_handle<T>::result() {
+  if (!s_) throw std::invalid_argument("coro_jobs: result() of an empty job_handle");
+  if (!s_->done()) {
+    s_->loop->check_thread("coro_jobs: job_handle used from a thread that does not own the loop");
+    detail::fail_logic("coro_jobs: result() of a job that has not ended");
+  }
+  return s_->get();
+}
+template <class T>
+std::string_view job_handle<T>::name() const {
+  if (!s_) throw std::invalid_argument("coro_jobs: name() of an empty job_handle");
+  return s_->extra.name();
+}
+
+namespace detail {
+template <class T>
+job_handle<T> start_with(event_loop& loop, job<T>& j, job_extras extra) {
+  auto& l = access::impl(loop);
+  l.check_thread("coro_jobs: start_job called from a thread that does not own the loop");
+  auto& h = access::handle(j);
+  if (!h) throw std::invalid_argument("coro_jobs: start_job of an empty job (moved-from or already started)");
+  // What may throw comes first, before anything is committed: the name (in `extra`), the
+  // ready slot and the state.
+  l.ready.push_back({item::start, nullptr});  // filled in below
+  job_state<T>* s;
+  try {
+    s = new job_state<T>();
+  } catch (...) {
+    l.ready.pop_back();
+    throw;
+  }
+  s->loop = s->home = &l;
+  s->owner = std::this_thread::get_id();
+  s->extra = std::move(extra);
+  s->root = h;
+  s->refs = 2;  // the frame and the handle below
+  s->handles = 1;
+  h.promise().ctx = s;
+  h = {};  // the state owns the frame now
+  l.link(s);
+  l.ready.back().arg = s;
+  if (job_ctx* parent = s->extra.parent()) ++parent->refs;  // see job_ctx::release
+  job_handle<T> r;
+  access::state(r) = s;
+  return r;
+}
+template <class T>
+job_handle<T> start_with(event_loop& loop, job<T>& j, std::string name, std::unique_ptr<maker_base> maker) {
+  job_extras extra;
+  extra.set_name(std::move(name));
+  if (maker) extra.set_maker(std::move(maker));
+  return start_with(loop, j, std::move(extra));
+}
+// A branch or shielded job, named after the job it serves (see job_extras).
+template <class T>
+job_handle<T> start_for(job_ctx* parent, job<T>& j, const char* kind, std::optional<std::size_t> index) {
+  job_extras extra;
+  extra.set_parent(parent, kind, index);
+  return start_with(*parent->loop->self, j, std::move(extra));
+}
 }  // namespace detail
+
+template <class T>
+job_handle<T> start_job(event_loop& loop, job<T> j, std::string name) {
+  return detail::start_with(loop, j, std::move(name), nullptr);
+}
+template <class T>
+job_handle<T> start_job(job<T> j, std::string name) {
+  return start_job(detail::current_loop(), std::move(j), std::move(name));
+}
+template <class F>
+  requires std::invocable<F&> && detail::is_job<std::invoke_result_t<F&>>::value
+auto start_job(event_loop& loop, F&& make, std::string name) {
+  auto keep = std::make_unique<detail::maker_box<std::decay_t<F>>>(std::forward<F>(make));
+  auto j = keep->f();
+  return detail::start_with(loop, j, std::move(name), std::move(keep));
+}
+template <class F>
+  requires std::invocable<F&> && detail::is_job<std::invoke_result_t<F&>>::value
+auto start_job(F&& make, std::string name) {
+  return start_job(detail::current_loop(), std::forward<F>(make), std::move(name));
+}
+
+template <class Rep, class Period>
+detail::sleep_for sleep_task(std::chrono::duration<Rep, Period> d) {
+  return {detail::saturate(d)};
+}
+
+namespace detail {
+template <class F, class... Args>
+auto make_thread_op(bool abandon, F&& f, Args&&... args) {
+  // Decay-copied like std::thread's arguments: the worker must not refer to the job's frame.
+  auto call = [f = std::forward<F>(f), ... a = std::forward<Args>(args)](std::stop_token st) mutable
+      -> decltype(auto) {
+    if constexpr (std::is_invocable_v<std::decay_t<F>&, std::stop_token, std::decay_t<Args>...>)
+      return std::invoke(f, std::move(st), std::move(a)...);
+    else
+      return std::invoke(f, std::move(a)...);
+  };
+  using R = std::decay_t<std::invoke_result_t<decltype(call)&, std::stop_token>>;
+  return thread_op<R, decltype(call)>(std::move(call), abandon);
+}
+}  // namespace detail
+
+template <class F, class... Args>
+  requires(!std::is_same_v<std::remove_cvref_t<F>, abandon_on_cancel_t>)
+auto threaded_task(F&& f, Args&&... args) {
+  return detail::make_thread_op(false, std::forward<F>(f), std::forward<Args>(args)...);
+}
+template <class F, class... Args>
+auto threaded_task(abandon_on_cancel_t, F&& f, Args&&... args) {
+  return detail::make_thread_op(true, std::forward<F>(f), std::forward<Args>(args)...);
+}
+
+template <class T>
+detail::callback_state<T>* task_return<T>::claim() const {
+  if (!t_) throw std::logic_error("coro_jobs: call of an empty (moved-from) task_return");
+  auto* s = t_->st.get();
+  if (s->claimed.exchange(true)) {
+    s->called_twice();
+    return nullptr;
+  }
+  return s;
+}
+
+template <class T, class Start>
+detail::callback_op<T, std::decay_t<Start>> callback_task(Start&& start) {
+  return detail::callback_op<T, std::decay_t<Start>>(std::forward<Start>(start));
+}
+
+// ---- Composition
+
+template <class... A>
+job<std::tuple<await_value_t<A>...>> when_all(A... awaitables) {
+  static_assert(sizeof...(A) > 0, "when_all needs at least one awaitable");
+  detail::group g("when_all", false);
+  g.ctx = co_await detail::this_job{};
+  std::tuple<std::optional<await_value_t<A>>...> slots;
+  detail::start_branches(g, slots, std::index_sequence_for<A...>{}, awaitables...);
+  co_await g.answer();
+  while (g.left > 0) co_await g.drained();
+  g.rethrow();
+  co_return std::apply([](auto&... v) { return std::tuple<await_value_t<A>...>(std::move(*v)...); },
+                       slots);
+}
+
+template <class... A>
+job<std::variant<await_value_t<A>...>> when_any(A... awaitables) {
+  static_assert(sizeof...(A) > 0, "when_any needs at least one awaitable");
+  using V = std::variant<await_value_t<A>...>;
+  using Slots = std::tuple<std::optional<await_value_t<A>>...>;
+  detail::group g("when_any", true);
+  g.ctx = co_await detail::this_job{};
+  Slots slots;
+  detail::start_branches(g, slots, std::index_sequence_for<A...>{}, awaitables...);
+  co_await g.answer();
+  while (g.left > 0) co_await g.drained();
+  g.rethrow();
+  // The winner's index is known only now: pick the constructor from a table.
+  constexpr auto table = []<std::size_t... I>(std::index_sequence<I...>) {
+    return std::array<V (*)(Slots&), sizeof...(I)>{
+        [](Slots& s) { return V(std::in_place_index<I>, std::move(*std::get<I>(s))); }...};
+  }(std::index_sequence_for<A...>{});
+  co_return table[g.first](slots);
+}
+
+template <class Rep, class Period, class A>
+job<await_value_t<A>> with_timeout(std::chrono::duration<Rep, Period> d, A awaitable) {
+  auto r = co_await when_any(std::move(awaitable), sleep_task(d));
+  if (r.index() == 1) throw timeout_error{};
+  co_return std::get<0>(std::move(r));
+}
+
+template <class A>
+detail::shield_awaiter<typename detail::await_result<std::remove_cvref_t<A>>::type> shielded(A awaitable) {
+  using T = typename detail::await_result<std::remove_cvref_t<A>>::type;
+  return detail::shield_awaiter<T>(detail::shield_body<T>(std::move(awaitable)));
+}
+
+// ---- Progress
+
+template <class T>
+progress<T>::progress(event_loop& loop, std::function<void(T)> on_progress)
+    : st_(std::make_shared<detail::progress_state<T>>()) {
+  auto& l = detail::access::impl(loop);
+  l.check_thread("coro_jobs: progress made on a thread that does not own the loop");
+  if (!on_progress) throw std::invalid_argument("coro_jobs: progress needs a callback");
+  st_->on_progress = std::move(on_progress);
+  st_->box = l.box;
+  st_->loop = &l;
+}
+template <class T>
+progress<T>::progress(std::function<void(T)> on_progress)
+    : progress(detail::current_loop(), std::move(on_progress)) {}
+template <class T>
+progress<T>::~progress() {
+  st_->alive = false;
+  st_->on_progress = nullptr;  // its captures die here, on the loop thread, not on a worker
+}
+
+// ---- Job scopes
+
+template <class T>
+job_handle<T> job_scope::adopt(job_handle<T> h) {
+  // Forget ended jobs once the list has doubled since the last sweep: a sweep on every start
+  // would make n starts cost n^2 (80,000 starts took 4 s). Then hold a reference (not a
+  // handle: errors of jobs nobody else holds still reach the error handler when they end).
+  if (jobs_.size() >= sweep_at_) {
+    jobs_.erase(std::remove_if(jobs_.begin(), jobs_.end(),
+                               [](detail::job_ctx* j) {
+                                 if (!j->done()) return false;
+                                 j->release();
+                                 return true;
+                               }),
+                jobs_.end());
+    sweep_at_ = std::max<std::size_t>(16, 2 * jobs_.size());
+  }
+  detail::job_ctx* c = detail::access::state(h);
+  jobs_.push_back(c);  // first: if it throws, no reference is left behind
+  ++c->refs;
+  return h;
+}
+template <class T>
+job_handle<T> job_scope::start(job<T> j, std::string name) {
+  return start(std::move(j), std::move(name), policy_);
+}
+// A repeated start under a live job's name: the running job's handle (ignore), or nothing
+// after cancelling and unwinding the previous one (cancel_previous) or at once (run_another).
+template <class T>
+std::optional<job_handle<T>> job_scope::apply_policy(const std::string& name, restart policy) {
+  loop_->check_thread("coro_jobs: job_scope used from a thread that does not own the loop");
+  if (policy == restart::run_another || name.empty()) return std::nullopt;
+  if (policy == restart::cancel_previous) {
+    std::vector<detail::job_ctx*> previous;  // held: unwinding may start jobs (see cancel_all)
+    for (detail::job_ctx* old : jobs_)
+      if (!old->done() && old->extra.name() == name) previous.push_back(old), ++old->refs;
+    for (detail::job_ctx* old : previous) {
+      if (!old->done()) loop_->finish_now(old);
+      old->release();
+    }
+    return std::nullopt;
+  }
+  for (detail::job_ctx* old : jobs_) {
+    if (old->done() || old->extra.name() != name) continue;
+    if (old->type() != &detail::type_tag<T>)
+      detail::fail_logic("coro_jobs: job_scope: a running job of that name has another result type");
+    auto* s = static_cast<detail::job_state<T>*>(old);
+    job_handle<T> h;
+    detail::access::state(h) = s;
+    ++s->refs, ++s->handles;
+    return h;
+  }
+  return std::nullopt;
+}
+template <class T>
+job_handle<T> job_scope::start(job<T> j, std::string name, restart policy) {
+  if (!j) throw std::invalid_argument("coro_jobs: job_scope::start of an empty job");
+  if (auto running = apply_policy<T>(name, policy)) return *running;  // j is dropped unstarted
+  return adopt(start_job(*loop_->self, std::move(j), std::move(name)));
+}
+template <class F>
+  requires std::invocable<F&> && detail::is_job<std::invoke_result_t<F&>>::value
+auto job_scope::start(F&& make, std::string name, std::optional<restart> policy) {
+  using T = typename std::invoke_result_t<F&>::value_type;
+  if (auto running = apply_policy<T>(name, policy.value_or(policy_))) return *running;
+  return adopt(start_job(*loop_->self, std::forward<F>(make), std::move(name)));
+}
+
 
 inline callback_handle::callback_handle(const callback_handle& o) noexcept : n_(o.n_) {
   if (n_) n_->ref();

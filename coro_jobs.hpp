@@ -92,6 +92,48 @@
 //     the union of their events, and wakes each one whose events poll reports (POLLERR,
 //     POLLHUP and POLLNVAL: all of them); stats().fd_waits counts the waits and watches.
 //
+// HOW ONE ITERATION WORKS (loop_impl::run_once, asyncio's _run_once)
+//   1. wait: ppoll on the inbox pipe, the timerfd and the watched fds, until the first timer
+//      (not at all if work is ready);
+//   2. collect: cross-thread completions, fd events and due timers only queue ready items;
+//   3. run the ready snapshot, in order: resume jobs, start jobs, posted callbacks, timer and
+//      watch callbacks, error reports. A job frame is resumed in one place (loop_impl::resume);
+//      work queued meanwhile waits for the next iteration, so nothing starves;
+//   4. kick the worker pool for the thread functions submitted meanwhile.
+//
+// NOTES: what is kept beyond the recipe's obvious design, and what each buys (bench/ figures
+// on a 2-core VM with g++ 12 -O2; stress/ for the stack)
+//   trampoline        loop_impl::resume runs every job-to-job transfer in a loop. Symmetric
+//                     transfer is a tail call only when optimised: GCC 12 at -O0 and with
+//                     -fsanitize=address emits a real call, and 10,000,000 chained awaits
+//                     overflow the stack (stress/deep.cpp). Costs one return per transfer.
+//   no-syscall yield  with work ready and no fd watched, step 1 skips ppoll (the inbox flag
+//                     is an atomic): a job that yields costs a queue push, not a syscall.
+//   spin before block a thread waits up to 50 us (yielding) before it blocks: a wakeup takes
+//                     5-25 us on a VM. W3, one job's sequential round trips: 25 us -> 4 us.
+//   pool kick         thread functions are queued during step 3 and workers woken once, at
+//                     step 4: W3 with 64 concurrent jobs, 2 us -> 0.4 us per round trip.
+//   timer slack       the loop thread's timer slack is 1 ns (prctl): 50 us late otherwise (W4).
+//   timerfd           the first deadline is also armed on a timerfd: ppoll's own timeout is
+//                     late by 0.1% of it (a 1 s sleep: 1.07 ms late; the timerfd: 55 us).
+//   4-ary heap        timers in an indexed 4-ary heap, each owner knowing its slot (cancel:
+//                     O(log n), no allocation): W2, 1.6 s against 2.0 s with a binary heap.
+//   one-word sleep    sleep_task returns just the duration: 40 bytes less in every sleeping
+//                     frame (W2: a million of them).
+//   job_extras        name, lambda and parent behind one pointer: 56 bytes less per job (W2);
+//                     a branch's name is built when asked: 8,000 nested with_timeouts held
+//                     1.2 GB of copied names.
+//   one pollfd per fd however many waits share it: ppoll fails with EINVAL beyond
+//                     RLIMIT_NOFILE entries, and 300 waits on one fd cost O(300), not O(300^2).
+//   flat cancel       cancelling a when_all nest walks a list, not a recursion: a 12,000-deep
+//                     nest overflowed a 1 MiB stack; job_scope::cancel_all withdraws queued
+//                     items in one pass (100,000 jobs: 27 s -> 25 ms).
+//   scope sweep       a job_scope forgets ended jobs when its list has doubled: 80,000 starts
+//                     took 4 s when it swept on every start.
+//   error queue       errors reach the handler as ready items, never from the noexcept paths
+//                     that find them (a frame's final suspend, a destructor).
+//   EINTR             a signal neither ends nor postpones a wait (wait() polls again).
+//
 
 #ifndef CORO_JOBS_HPP
 #define CORO_JOBS_HPP
@@ -694,8 +736,7 @@ struct pool_task {
 // wakeup (futex or pipe) takes 5 to 25 us to get a thread running again on a VM, longer
 // than a whole round trip to a worker: the loop spins while a thread function runs (its
 // result may be microseconds away), and a worker spins after each function (the job it
-// served may submit the next one at once). Bench W3: 25 us per sequential round trip without, about 4 us with.
-// Never on one CPU, where the waiting thread would only delay the one it waits for.
+// served may submit the next one at once). NOTES: spin before block. Never on one CPU, where the waiting thread would only delay the one it waits for.
 template <class Done>
 bool spin_until(Done done) {
   static const bool worth_it = usable_cpus() > 1;
@@ -822,9 +863,8 @@ struct worker_pool {
 
 // Queues work without waking anyone: the loop calls kick() once per iteration, after its
 // ready snapshot ran. So 64 jobs that each submit a function cost one wakeup, not 64, and
-// a woken worker does not preempt the loop in mid-iteration on a small machine (bench W3,
-// 64 concurrent jobs on 2 cores: 2 us per round trip before, 0.4 us after). A thread is
-// started at once if the pool may grow and every thread is busy.
+// a woken worker does not preempt the loop in mid-iteration on a small machine (NOTES: pool
+// kick). A thread is started at once if the pool may grow and every thread is busy.
 inline void worker_pool::submit(const std::shared_ptr<worker_pool>& p,
                                         std::shared_ptr<pool_task> work) {
   std::lock_guard<std::mutex> lock(p->m);
@@ -940,13 +980,11 @@ struct maker_box final : maker_base {
   explicit maker_box(const F& x) : f(x) {}
 };
 
-// What few jobs have, behind one pointer: a name, and the lambda that start_job(lambda)
-// keeps alive. A million unnamed sleeping jobs should not carry 40 empty bytes each
-// (bench W2).
+// What few jobs have, behind one pointer (NOTES: job_extras): a name, the lambda that
+// start_job(lambda) keeps alive, and a branch's place.
 // A branch of when_all/when_any (or a shielded wait's job) is named after the job it
 // serves, "<parent>/when_all[i]" ("<parent>/shielded"), but stores only that job and its
-// own place: the full name is built when asked for (an error, the watchdog, jobs()). Copied
-// at every level, 8,000 nested with_timeouts held 1.2 GB of names. The branch holds a
+// own place: the full name is built when asked for (an error, the watchdog, jobs()). The branch holds a
 // reference to its parent (see job_ctx::release), so the chain can always be walked.
 class job_extras {
   struct data {
@@ -1230,7 +1268,6 @@ struct loop_impl {
   bool kick_pool = false;
   void kick_pool_if_needed() noexcept;
   void submit_thread(std::shared_ptr<pool_task> work);
-  void thread_returned() noexcept;  // its completion arrived, or the job let it go
   bool withdraw_thread(pool_task* t) noexcept;  // still queued: it never runs
   void abandon_thread(std::shared_ptr<pool_task> t) noexcept;  // it may still run
   void wait_for_thread(job_ctx* j, const pool_task& t) noexcept;
@@ -1334,7 +1371,7 @@ inline loop_impl::loop_impl(event_loop* s, std::size_t workers) : self(s) {
   pool->max = workers;
 #ifdef __linux__
   // The thread's timer slack (50 us by default) is added to every kernel timer of the
-  // thread that owns the loop: 1 ns, so that no timer fires 50 us late (bench W4).
+  // thread that owns the loop: 1 ns, so that no timer fires 50 us late.
   ::prctl(PR_SET_TIMERSLACK, 1UL, 0UL, 0UL, 0UL);
 #endif
   pfds.push_back({box->rfd, POLLIN, 0});
@@ -2115,20 +2152,10 @@ inline void drop_handle(job_ctx* s) {
 inline void loop_impl::submit_thread(std::shared_ptr<pool_task> work) {
   worker_pool::submit(pool, std::move(work));
   kick_pool = true;
-  ++outstanding;
-  ++threads_out;
-}
-inline void loop_impl::thread_returned() noexcept {
-  --outstanding;
-  --threads_out;
 }
 // A cancelled job's function that no worker has taken yet is taken out of the queue: it
 // never runs, and the job need not wait for it.
-inline bool loop_impl::withdraw_thread(pool_task* t) noexcept {
-  if (!pool->withdraw(t)) return false;
-  thread_returned();
-  return true;
-}
+inline bool loop_impl::withdraw_thread(pool_task* t) noexcept { return pool->withdraw(t) != nullptr; }
 inline void loop_impl::abandon_thread(std::shared_ptr<pool_task> t) noexcept {
   std::erase_if(abandoned, [](const auto& a) { return a->returned.load(std::memory_order_acquire); });
   try {
@@ -2467,7 +2494,7 @@ struct handle_awaiter final : handle_waiter {
 
 // What sleep_task returns: only the duration; the job's await_transform makes the sleep_op
 // that waits. GCC keeps both the co_await operand and its awaiter in the frame, so a
-// one-word operand saves 40 bytes in every sleeping frame (bench W2: a million of them).
+// one-word operand saves 40 bytes in every sleeping frame (NOTES: one-word sleep).
 // Outside a job (no await_transform), operator co_await makes one that throws logic_error.
 struct [[nodiscard]] sleep_for {
   duration d;
@@ -2486,7 +2513,7 @@ class sleep_op final : public op_base, public timer_owner {
  private:
   static void fire(timer_owner* self, loop_impl& l);
   // The duration asked for, held as an offset from the epoch until the wait begins, then
-  // the wait's start: one word for both, since every sleeping frame holds one (bench W2).
+  // the wait's start: one word for both, since every sleeping frame holds one.
   time_point at_;
 };
 
@@ -2532,40 +2559,60 @@ struct result_box<void> {
   }
 };
 
-// The function, its result and the way back to the loop, in one allocation. `abandoned`
-// and `op` belong to the loop thread; the worker writes only `result` and `returned` before
-// it hands the state to the inbox. `abandoned`: the job no longer waits for the completion
-// (withdrawn unrun, waited for by a job scope, or let go by abandon_on_cancel).
-template <class R, class Fn>
-struct thread_work final : pool_task {
-  std::stop_source stop;
-  result_box<R> result;
-  op_base* op = nullptr;
-  bool abandoned = false;
-  std::optional<Fn> fn;
-  std::shared_ptr<inbox> box;  // outlives the loop, for a worker that finishes late
+// The one way a result made on another thread (a thread function's, a task_return's) comes
+// back: written there into `result`, handed over by the inbox, taken on the loop thread.
+// While `counted`, run() waits for it (loop_impl::outstanding) and its arrival resumes the
+// job; let_go() ends that, for a cancel or a function withdrawn, waited for or abandoned.
+// `op` and `counted` belong to the loop thread.
+template <class T>
+struct remote_completion : result_box<T> {
+  std::shared_ptr<inbox> box;  // outlives the loop, for a completion that comes late
   loop_impl* loop;
+  op_base* op = nullptr;
+  bool counted = false;
+  bool thread;  // a thread function: also counted in loop_impl::threads_out
 
-  thread_work(Fn f, std::shared_ptr<inbox> b, loop_impl* l) : fn(std::move(f)), box(std::move(b)), loop(l) {}
+  remote_completion(loop_impl& l, bool t) : box(l.box), loop(&l), thread(t) {}
+  void count(op_base* o) noexcept {
+    op = o;
+    counted = true;
+    ++loop->outstanding;
+    loop->threads_out += thread;
+  }
+  void let_go() noexcept {
+    if (!std::exchange(counted, false)) return;
+    --loop->outstanding;
+    loop->threads_out -= thread;
+  }
+  void arrived() {  // the inbox item that the other thread sent
+    if (!counted) return;
+    let_go();
+    op->ctx->pending = nullptr;
+    loop->enqueue(op->ctx, op->waiter);
+  }
+};
+
+// The function, its result and the way back to the loop, in one allocation. The worker
+// writes only `result` and `returned` before it hands the state to the inbox.
+template <class R, class Fn>
+struct thread_work final : pool_task, remote_completion<R> {
+  std::stop_source stop;
+  std::optional<Fn> fn;
+
+  thread_work(Fn f, loop_impl& l) : remote_completion<R>(l, true), fn(std::move(f)) {}
   void run(std::shared_ptr<pool_task>& self) override {
     try {
       if constexpr (std::is_void_v<R>)
-        (*fn)(this->stop.get_token());
+        (*fn)(stop.get_token());
       else
-        this->result.set((*fn)(this->stop.get_token()));
+        this->set((*fn)(stop.get_token()));
     } catch (...) {
-      this->result.error = std::current_exception();
+      this->error = std::current_exception();
     }
     fn.reset();  // the function's captures die on the worker, as with std::thread
     mark_returned();
-    std::shared_ptr<inbox> b = box;
+    std::shared_ptr<inbox> b = this->box;
     b->push({nullptr, [me = std::static_pointer_cast<thread_work>(std::move(self))] { me->arrived(); }});
-  }
-  void arrived() {  // on the loop thread
-    if (abandoned) return;  // counted out when it was abandoned
-    loop->thread_returned();
-    op->ctx->pending = nullptr;
-    loop->enqueue(op->ctx, op->waiter);
   }
 };
 
@@ -2579,80 +2626,58 @@ class [[nodiscard]] thread_op final : public op_base {
   }
   void await_suspend(std::coroutine_handle<> h) {
     loop_impl& l = *ctx->loop;
-    work_ = std::make_shared<thread_work<R, Fn>>(std::move(fn_), l.box, &l);
-    work_->op = this;
+    work_ = std::make_shared<thread_work<R, Fn>>(std::move(fn_), l);
     waiter = h;
     l.submit_thread(work_);
+    work_->count(this);
     park();
   }
   R await_resume() {
     if (ctx->cancelled()) throw job_cancelled{};
-    return work_->result.take();
+    return work_->take();
   }
   // A queued function is withdrawn and never runs. A running one is asked to stop, and the
   // job waits for it to return (holds_job), unless it was started with abandon_on_cancel.
   void cancel_op() noexcept override {
     loop_impl& l = *ctx->loop;
-    if (l.withdraw_thread(work_.get())) {
-      work_->abandoned = true;
-      return;
-    }
+    if (l.withdraw_thread(work_.get())) return work_->let_go();
     work_->stop.request_stop();
-    if (abandon_) let_go(l, true);
+    if (abandon_) {
+      work_->let_go();  // run() does not wait for it any more
+      l.abandon_thread(work_);
+    }
   }
-  bool holds_job() const noexcept override { return !work_->abandoned; }
+  bool holds_job() const noexcept override { return work_->counted; }
   void wait_stopped() noexcept override {
     ctx->loop->wait_for_thread(ctx, *work_);
-    let_go(*ctx->loop, false);
+    work_->let_go();
   }
   const char* what() const noexcept override { return "threaded_task"; }
 
  private:
-  void let_go(loop_impl& l, bool running) noexcept {
-    work_->abandoned = true;
-    l.thread_returned();  // run() does not wait for it any more
-    if (running) l.abandon_thread(work_);
-  }
   Fn fn_;
   bool abandon_;
   std::shared_ptr<thread_work<R, Fn>> work_;
 };
 
 template <class T>
-struct callback_state : std::enable_shared_from_this<callback_state<T>> {
-  std::atomic<bool> claimed{false};
-  result_box<T> result;
-  std::shared_ptr<inbox> box;
-  loop_impl* loop;
-  op_base* op = nullptr;  // loop thread only, as are the flags
-  bool cancelled = false, counted = false;
+struct callback_state : remote_completion<T>, std::enable_shared_from_this<callback_state<T>> {
+  std::atomic<bool> claimed{false};  // task_return was called (or its last copy died)
 
-  callback_state(std::shared_ptr<inbox> b, loop_impl* l) : box(std::move(b)), loop(l) {}
+  explicit callback_state(loop_impl& l) : remote_completion<T>(l, false) {}
   template <class... A> void set_value(A&&... a) {
-    result.set(std::forward<A>(a)...);
+    this->set(std::forward<A>(a)...);
     deliver();
   }
   void set_error(std::exception_ptr e) {
-    result.error = std::move(e);
+    this->error = std::move(e);
     deliver();
   }
   void deliver() {
-    box->push({nullptr, [s = this->shared_from_this()] { s->arrived(); }});
-  }
-  void uncount() noexcept {
-    if (counted) {
-      counted = false;
-      --loop->outstanding;
-    }
-  }
-  void arrived() {
-    uncount();
-    if (cancelled) return;
-    op->ctx->pending = nullptr;
-    loop->enqueue(op->ctx, op->waiter);
+    this->box->push({nullptr, [s = this->shared_from_this()] { s->arrived(); }});
   }
   void called_twice() {
-    box->push({nullptr, [l = loop] {
+    this->box->push({nullptr, [l = this->loop] {
       l->report("task_return", std::make_exception_ptr(std::logic_error(
                                    "coro_jobs: task_return called more than once")));
     }});
@@ -2698,31 +2723,24 @@ class [[nodiscard]] callback_op final : public op_base {
   }
   void await_suspend(std::coroutine_handle<> h) {
     loop_impl& l = *ctx->loop;
-    st_ = std::make_shared<callback_state<T>>(l.box, &l);
-    st_->op = this;
+    st_ = std::make_shared<callback_state<T>>(l);
     waiter = h;
     task_return<T> ret(std::make_shared<return_token<T>>(st_));
-    try {
-      if constexpr (std::is_void_v<start_result>)
-        start_(std::move(ret));
-      else
-        cancel_.emplace(start_(std::move(ret)));
-    } catch (...) {
-      st_->cancelled = true;  // whatever start did with task_return is ignored now
-      throw;
-    }
-    st_->counted = true;
-    ++l.outstanding;
+    // If start throws, the state is never counted: whatever it did with task_return is ignored.
+    if constexpr (std::is_void_v<start_result>)
+      start_(std::move(ret));
+    else
+      cancel_.emplace(start_(std::move(ret)));
+    st_->count(this);
     park();
   }
   T await_resume() {
     if (ctx->cancelled()) throw job_cancelled{};
-    return st_->result.take();
+    return st_->take();
   }
   const char* what() const noexcept override { return "callback_task"; }
   void cancel_op() noexcept override {
-    st_->cancelled = true;
-    st_->uncount();
+    st_->let_go();
     if constexpr (!std::is_void_v<start_result>) {
       try {
         if (cancel_) (*cancel_)();

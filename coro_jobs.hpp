@@ -153,6 +153,7 @@
 #include <stdexcept>
 #include <stop_token>
 #include <string>
+#include <span>
 #include <string_view>
 #include <system_error>  // std::system_error(EBADF) from watch() and wait_readable()
 #include <thread>        // std::thread::id: the thread a job's handles belong to
@@ -297,6 +298,10 @@ class event_loop {
   /// One iteration; blocks if something is pending and nothing is ready. Returns whether
   /// anything is still pending.
   bool run_once();
+  /// One iteration that waits at most max_wait (zero or negative: never blocks, as Asio's
+  /// poll()). Returns whether anything is still pending.
+  template <class Rep, class Period>
+  bool run_once(std::chrono::duration<Rep, Period> max_wait);
   /// Makes the current (or next) run() return after its current iteration. Any thread, and
   /// async-signal-safe: it takes no lock and allocates nothing.
   void quit() noexcept;
@@ -327,10 +332,29 @@ class event_loop {
   template <class Rep, class Period>
   void set_watchdog(std::chrono::duration<Rep, Period> threshold, watchdog_handler handler = {});
 
+  // ---- For adapters that run the loop inside another loop (hosts/*.hpp; README: "Inside
+  // another loop"). A host polls `fds` for their events for at most `timeout`, then calls
+  // run_once(0s); again and again. Every cross-thread wakeup (post, a thread function's
+  // completion, task_return, progress, quit) and every change made from the loop thread
+  // outside an iteration (a start_job, a new timer or fd wait) makes fds[0] readable.
+  struct host_wait {
+    std::span<const pollfd> fds;               // valid until the next call into the loop
+    std::chrono::steady_clock::duration timeout;  // zero: work is ready; negative: no limit
+  };
+  /// What to wait for now. On Linux fds includes a timerfd armed to the first deadline,
+  /// so the host wakes on time even if its own timeouts are in milliseconds.
+  host_wait prepare_host_wait();
+  /// Marks the loop as driven by a host: run() then throws std::logic_error. on_destroyed is
+  /// called by ~event_loop, so an adapter may outlive the loop. std::logic_error if attached.
+  void attach_host(std::function<void()> on_destroyed);
+  /// Ends attach_host (no-op if not attached).
+  void detach_host() noexcept;
+
  private:
   friend struct detail::access;
   callback_handle call_later_impl(std::chrono::steady_clock::duration delay,
                                   std::function<void()> fn);
+  bool run_once_impl(std::chrono::steady_clock::duration max_wait);
   void advance_impl(std::chrono::steady_clock::duration d);
   void set_watchdog_impl(std::chrono::steady_clock::duration threshold, watchdog_handler handler);
   std::unique_ptr<detail::loop_impl> impl_;
@@ -766,6 +790,7 @@ struct inbox {
   std::atomic<bool> polling{false};    // the loop is in (or about to enter) ppoll
   std::atomic<bool> piped{false};      // a byte is (or is about to be) in the pipe
   std::atomic<bool> quit{false};
+  std::atomic<bool> hosted{false};     // a host loop watches the pipe all the time
   int rfd = -1, wfd = -1;
 
   inbox();
@@ -810,7 +835,7 @@ inline bool inbox::push(remote_item it) {
 // loop needs no byte: it reads `signalled` before it blocks.
 inline void inbox::wake() noexcept {
   if (signalled.exchange(true)) return;
-  if (!polling.load()) return;
+  if (!polling.load() && !hosted.load()) return;
   piped.store(true, std::memory_order_relaxed);
   const char c = 1;
   [[maybe_unused]] auto n = ::write(wfd, &c, 1);  // a full pipe: a wakeup is pending anyway
@@ -1353,8 +1378,15 @@ struct loop_impl {
 
   // ---- one iteration
   bool pending() const noexcept;
-  bool run_once();
+  bool run_once(duration max_wait);  // max(): as long as time_to_wait() says
   duration time_to_wait() const noexcept;
+  // A host loop drives this one (attach_host): the pipe is always written, wait() always
+  // polls, and a change from outside an iteration wakes the host (touched).
+  bool hosted = false;
+  std::function<void()> on_host_gone;
+  void touched() noexcept {
+    if (!in_iteration && hosted) box->wake();
+  }
   void wait(duration timeout_or_negative);
   void collect_remote();
   void collect_fds() noexcept;
@@ -1399,6 +1431,7 @@ inline void loop_impl::check_thread(const char* what) const {
 inline void loop_impl::enqueue(job_ctx* j, std::coroutine_handle<> h) {
   j->resume_at = h;
   ready.push_back({item::resume, j});
+  touched();
 }
 inline void loop_impl::resume_job(job_ctx* j) {
   job_ctx* const outer = std::exchange(current, j);  // a job scope may resume one inside another
@@ -1447,6 +1480,7 @@ inline void loop_impl::add_timer(timer_owner* o, time_point deadline,
   timers.push_back({deadline, ++next_seq, fire, o});
   o->timer_slot = timers.size() - 1;
   sift_up(timers.size() - 1);
+  touched();
 }
 inline void loop_impl::remove_timer(timer_owner* o) noexcept {
   const std::size_t i = o->timer_slot;
@@ -1518,6 +1552,7 @@ inline void loop_impl::add_fd(fd_owner* o) {
   o->registered = true;
   ++fd_registrations;
   pfds[i].events = short(pfds[i].events | o->events);
+  touched();
 }
 inline void loop_impl::remove_fd(fd_owner* o) noexcept {
   if (!o->registered) return;
@@ -1635,9 +1670,9 @@ inline bool loop_impl::pending() const noexcept {
 //   3. run the ready snapshot: only what was ready when this step began, so a job that
 //      keeps yielding cannot starve timers or fds (its next turn is the next iteration);
 //   4. report whether anything is still pending.
-inline bool loop_impl::run_once() {
+inline bool loop_impl::run_once(duration max_wait) {
   if (in_iteration) fail_logic("coro_jobs: run() or run_once() called from inside the loop");
-  if (!pending()) return false;
+  if (!pending() && !hosted) return false;  // hosted: still drain what woke the host
   in_iteration = true;
   struct end_of_iteration {  // on every way out, an error handler's throw included
     loop_impl& l;
@@ -1647,7 +1682,8 @@ inline bool loop_impl::run_once() {
     }
   } guard{*this};
 
-  wait(time_to_wait());
+  const duration t = time_to_wait();
+  wait(max_wait == duration::max() ? t : t < duration::zero() ? max_wait : std::min(t, max_wait));
   now = clock();
   ++iterations;
   collect_remote();
@@ -1772,7 +1808,7 @@ inline void loop_impl::report_slow(const std::string& w, duration held) {
 // work is ready and no fd is watched, the syscall is skipped: the inbox flag is an atomic
 // we can read directly, which keeps a yield as cheap as a queue push.
 inline void loop_impl::wait(duration timeout) {
-  if (timeout == duration::zero() && pfds.size() == own_fds) return;
+  if (timeout == duration::zero() && pfds.size() == own_fds && !hosted) return;
   ++polls;
   // A thread function is running: its result may be microseconds away (see spin_until).
   if (threads_out > 0 && timeout != duration::zero() &&
@@ -3057,6 +3093,10 @@ callback_handle event_loop::call_later(std::chrono::duration<Rep, Period> delay,
   return call_later_impl(detail::saturate(delay), std::move(fn));
 }
 template <class Rep, class Period>
+bool event_loop::run_once(std::chrono::duration<Rep, Period> max_wait) {
+  return run_once_impl(detail::saturate(max_wait));
+}
+template <class Rep, class Period>
 void event_loop::advance(std::chrono::duration<Rep, Period> d) {
   advance_impl(detail::saturate(d));
 }
@@ -3151,6 +3191,7 @@ job_handle<T> start_with(event_loop& loop, job<T>& j, job_extras extra) {
   h = {};  // the state owns the frame now
   l.link(s);
   l.ready.back().arg = s;
+  l.touched();
   if (job_ctx* parent = s->extra.parent()) ++parent->refs;  // see job_ctx::release
   job_handle<T> r;
   access::state(r) = s;
@@ -3428,6 +3469,10 @@ inline event_loop::~event_loop() {
                   r.loops.end());
   }
   if (detail::running_loop() == this) detail::running_loop() = nullptr;
+  if (auto gone = std::move(impl_->on_host_gone)) {  // the adapter lets go of the loop first
+    detach_host();
+    gone();
+  }
   // Torn down while impl_ still points to it: a job frame's destructor may call now(),
   // post() or start_job on this loop (see loop_impl::shut_down).
   impl_->shut_down();
@@ -3441,11 +3486,43 @@ inline bool event_loop::run_once() {
     event_loop* p;
     ~restore() { detail::running_loop() = p; }
   } r{outer};
-  return impl_->run_once();
+  return impl_->run_once(detail::duration::max());
+}
+inline bool event_loop::run_once_impl(detail::duration max_wait) {
+  impl_->check_thread("coro_jobs: event_loop::run_once called from a thread that does not own the loop");
+  event_loop* const outer = std::exchange(detail::running_loop(), this);
+  struct restore {
+    event_loop* p;
+    ~restore() { detail::running_loop() = p; }
+  } r{outer};
+  return impl_->run_once(std::clamp(max_wait, detail::duration::zero(), detail::duration::max() - detail::duration(1)));
+}
+inline event_loop::host_wait event_loop::prepare_host_wait() {
+  auto& l = *impl_;
+  l.check_thread("coro_jobs: prepare_host_wait called from a thread that does not own the loop");
+  detail::duration t = l.time_to_wait();
+  if (l.box->signalled.load(std::memory_order_acquire)) t = detail::duration::zero();
+  if (l.timer_fd >= 0 && t != detail::duration::zero())
+    l.arm_timer_fd(t > detail::duration::zero() ? l.timers.front().deadline : detail::time_point::min());
+  return {std::span<const pollfd>(l.pfds), t};
+}
+inline void event_loop::attach_host(std::function<void()> on_destroyed) {
+  auto& l = *impl_;
+  l.check_thread("coro_jobs: attach_host called from a thread that does not own the loop");
+  if (l.hosted) detail::fail_logic("coro_jobs: the event_loop is already attached to a host loop");
+  l.on_host_gone = std::move(on_destroyed);
+  l.hosted = true;
+  l.box->hosted.store(true);
+}
+inline void event_loop::detach_host() noexcept {
+  impl_->hosted = false;
+  impl_->box->hosted.store(false);
+  impl_->on_host_gone = nullptr;
 }
 inline void event_loop::run() {
   impl_->check_thread("coro_jobs: event_loop::run called from a thread that does not own the loop");
   if (impl_->in_iteration) detail::fail_logic("coro_jobs: run() or run_once() called from inside the loop");
+  if (impl_->hosted) detail::fail_logic("coro_jobs: run() of an event_loop attached to a host loop; the host runs it");
   auto& l = *impl_;
   while (!l.box->quit.exchange(false) && run_once()) {
     // With a manual clock, timers alone cannot make progress: return and let the caller

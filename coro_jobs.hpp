@@ -3479,15 +3479,7 @@ inline event_loop::~event_loop() {
   impl_.reset();
 }
 
-inline bool event_loop::run_once() {
-  impl_->check_thread("coro_jobs: event_loop::run_once called from a thread that does not own the loop");
-  event_loop* const outer = std::exchange(detail::running_loop(), this);
-  struct restore {
-    event_loop* p;
-    ~restore() { detail::running_loop() = p; }
-  } r{outer};
-  return impl_->run_once(detail::duration::max());
-}
+inline bool event_loop::run_once() { return run_once_impl(detail::duration::max()); }
 inline bool event_loop::run_once_impl(detail::duration max_wait) {
   impl_->check_thread("coro_jobs: event_loop::run_once called from a thread that does not own the loop");
   event_loop* const outer = std::exchange(detail::running_loop(), this);
@@ -3495,7 +3487,7 @@ inline bool event_loop::run_once_impl(detail::duration max_wait) {
     event_loop* p;
     ~restore() { detail::running_loop() = p; }
   } r{outer};
-  return impl_->run_once(std::clamp(max_wait, detail::duration::zero(), detail::duration::max() - detail::duration(1)));
+  return impl_->run_once(std::max(max_wait, detail::duration::zero()));  // max(): no limit
 }
 inline event_loop::host_wait event_loop::prepare_host_wait() {
   auto& l = *impl_;

@@ -92,7 +92,7 @@ BENCH_ASIO := -DASIO_HAS_CO_AWAIT -DASIO_HAS_STD_COROUTINE
 .PHONY: bench-deps
 bench:
 	BENCH_CXX="$(CXX)" MAKE="$(MAKE)" BENCH="$(BENCH)" sh bench/run.sh $(BENCH_ARGS)
-bench-build: bench-deps $(BENCH)/ours $(BENCH)/peer_asio $(BENCH)/peer_glib $(BENCH)/w6_ours.o $(BENCH)/w6_asio.o
+bench-build: bench-deps $(BENCH)/ours $(BENCH)/peer_asio $(BENCH)/peer_glib $(BENCH)/w6_ours.o $(BENCH)/w6_asio.o $(BENCH)/w7_hosted
 	@python3 -c 'import ast, sys; ast.parse(open(sys.argv[1]).read())' bench/peer_asyncio.py
 # The peers' packages (Debian names); quick checks when present.
 bench-deps:
@@ -109,6 +109,12 @@ $(BENCH)/peer_asio: bench/peer_asio.cpp bench/common.hpp | $(BENCH) bench-deps
 $(BENCH)/peer_glib: bench/peer_glib.cpp bench/common.hpp | $(BENCH) bench-deps
 	$(CXX) $(REQUIRED) -Wall -Wextra -Werror $(BENCH_OPT) $$(pkg-config --cflags glib-2.0) \
 	  bench/peer_glib.cpp -o $@ $$(pkg-config --libs glib-2.0)
+# W7: the same jobs natively and inside each host loop (Qt's column when Qt 6 is installed).
+W7_QT := $(shell pkg-config --exists Qt6Core 2>/dev/null && test -f hosts/coro_jobs_qt.hpp && echo -DW7_QT -fPIC $$(pkg-config --cflags Qt6Core))
+W7_QT_LIBS := $(if $(W7_QT),$(shell pkg-config --libs Qt6Core))
+$(BENCH)/w7_hosted: bench/w7_hosted.cpp bench/common.hpp coro_jobs.hpp $(wildcard hosts/coro_jobs_*.hpp) | $(BENCH) bench-deps
+	$(CXX) $(REQUIRED) $(WARN) $(BENCH_OPT) $$(pkg-config --cflags glib-2.0) $(W7_QT) bench/w7_hosted.cpp -o $@ \
+	  $$(pkg-config --libs glib-2.0) $(W7_QT_LIBS)
 $(BENCH)/w6_ours.o: bench/w6_ours.cpp coro_jobs.hpp | $(BENCH)
 	$(CXX) $(REQUIRED) $(WARN) $(BENCH_OPT) -c bench/w6_ours.cpp -o $@
 $(BENCH)/w6_asio.o: bench/w6_asio.cpp | $(BENCH) bench-deps

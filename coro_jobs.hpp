@@ -3493,7 +3493,12 @@ inline event_loop::host_wait event_loop::prepare_host_wait() {
   auto& l = *impl_;
   l.check_thread("coro_jobs: prepare_host_wait called from a thread that does not own the loop");
   detail::duration t = l.time_to_wait();
-  if (l.box->signalled.load(std::memory_order_acquire)) t = detail::duration::zero();
+  // As wait() does before it blocks: a running thread function's result may be
+  // microseconds away, sooner than a host's wakeup (NOTES: spin before block).
+  if (l.box->signalled.load(std::memory_order_acquire) ||
+      (t != detail::duration::zero() && l.threads_out > 0 &&
+       detail::spin_until([&l] { return l.box->signalled.load(std::memory_order_acquire); })))
+    t = detail::duration::zero();
   if (l.timer_fd >= 0 && t != detail::duration::zero())
     l.arm_timer_fd(t > detail::duration::zero() ? l.timers.front().deadline : detail::time_point::min());
   return {std::span<const pollfd>(l.pfds), t};

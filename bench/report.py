@@ -22,7 +22,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 SYSTEMS = ["ours", "asio", "glib", "asyncio"]
 PEERS = SYSTEMS[1:]
-WORKLOADS = ["W1", "W2", "W3", "W4", "W5", "W6"]
+WORKLOADS = ["W1", "W2", "W3", "W4", "W5", "W6", "W7"]
 
 # (workload, metric key, label, unit, target-check) in table order. A check gets the medians
 # {system: value} and returns its verdict text, or None.
@@ -167,6 +167,58 @@ def fmt(v):
     return f"{v:.3g}"
 
 
+# W7: the same program under the native loop and each host adapter (bench/w7_hosted.cpp).
+W7_HOSTS = ["native", "glib", "guest", "qt", "pump"]
+W7_ROWS = [
+    ("late_p50_us", "W7 hosted: 1 ms sleep lateness p50", "µs", 1.5),
+    ("late_p99_us", "W7 hosted: 1 ms sleep lateness p99", "µs", None),
+    ("seq_us_per_trip", "W7 hosted: threaded_task round trip, sequential", "µs/trip", 1.5),
+    ("par64_us_per_trip", "W7 hosted: threaded_task round trip, 64 jobs", "µs/trip", None),
+    ("idle_cpu_ms", "W7 hosted: CPU over one 2 s sleep", "ms", 1.2),
+]
+
+
+def w7_table(build, quick, reps):
+    exe = os.path.join(build, "w7_hosted")
+    if not os.path.exists(exe):
+        return [], ["W7: build-bench/w7_hosted missing"]
+    vals, errors = {}, []
+    for _ in range(reps):
+        for h in W7_HOSTS:
+            cmd = [exe, "--host", h] + (["--quick"] if quick else [])
+            p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            if p.returncode != 0:
+                if h != "qt":  # built without Qt: no qt column
+                    errors.append(f"{shlex.join(cmd)} failed ({p.returncode}): {p.stderr.strip()[-300:]}")
+                continue
+            for line in p.stdout.splitlines():
+                m = re.match(r"RESULT W7 (\w+?)_(\S+) (\S+)$", line)
+                if m:
+                    vals.setdefault(m.group(2), {}).setdefault(m.group(1), []).append(float(m.group(3)))
+    hosts = [h for h in W7_HOSTS if any(h in v for v in vals.values())]
+    peers = [h for h in hosts if h != "native"]
+    head = ["workload", "metric", *hosts, *(f"{h}/native" for h in peers), "target"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, label, unit, limit in W7_ROWS:
+        per = vals.get(key, {})
+        med = {h: statistics.median(per[h]) if h in per else None for h in hosts}
+        cells = [fmt(med[h]) + (f" ({fmt(min(per[h]))}–{fmt(max(per[h]))})"
+                                if h in per and len(per[h]) > 1 and min(per[h]) != max(per[h]) else "")
+                 for h in hosts]
+        rs = {h: ratio(med[h], med.get("native")) for h in peers}
+        ratios = [fmt(rs[h]) + ("x" if rs[h] else "") for h in peers]
+        target = ""
+        if limit and med.get("native"):
+            ok = all(rs[h] is not None and rs[h] <= limit for h in ("glib", "qt") if h in rs)
+            target = verdict(ok, f"glib, qt ≤ {limit}x native")
+        if key == "seq_us_per_trip" and "guest" in rs and "pump" in med and med["pump"]:
+            ok3 = rs["guest"] is not None and rs["guest"] <= 3
+            ok10 = all(med[h] and med["pump"] / med[h] >= 10 for h in ("glib", "guest", "qt") if h in med)
+            target += "; " + verdict(ok3, "guest ≤ 3x native") + "; " + verdict(ok10, "each ≥ 10x better than the pump")
+        lines.append(f"| {label} | {unit} | " + " | ".join(cells + ratios + [target]) + " |")
+    return lines, errors
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--build", default=os.path.join(ROOT, "build-bench"))
@@ -184,6 +236,8 @@ def main():
 
     for rep in range(a.reps):
         for w in wanted:
+            if w == "W7":
+                continue  # its own table, below
             if w == "W6":
                 for system, metric, args in w6_commands(a.cxx):
                     values.setdefault((w, metric), {}).setdefault(system, []).append(
@@ -234,6 +288,10 @@ def main():
                 target = verdict(o <= 5 * b, f"ours ≤ 5x bare: {o / b:.1f}x")
         lines.append(f"| {label} | {unit} | " + " | ".join(cells + ratios + [target]) + " |")
 
+    w7_lines = []
+    if "W7" in wanted:
+        w7_lines, w7_errors = w7_table(os.path.abspath(a.build), a.quick, a.reps)
+        errors += w7_errors
     elapsed = time.perf_counter() - started
     size_note = ("--quick sizes (see bench/common.hpp)" if a.quick else
                  "asyncio runs smaller counts where CPython is slow: W2 200,000 jobs (not "
@@ -253,6 +311,12 @@ def main():
         *lines,
         "",
     ]
+    if w7_lines:
+        out += ["W7 runs the same jobs under the loop's own run() (native), inside a GMainContext "
+                "(hosts/coro_jobs_glib.hpp), as a guest of a host that only runs posted functions "
+                "(hosts/coro_jobs_guest.hpp), inside Qt (hosts/coro_jobs_qt.hpp) and, as the "
+                "baseline a user would write without an adapter, a 1 ms GLib timeout calling "
+                "run_once(0s) (pump); ratios are to native.", "", *w7_lines, ""]
     if errors:
         out += ["Failures:", ""] + [f"- {e}" for e in errors] + [""]
     text = "\n".join(out)

@@ -23,6 +23,7 @@
 
 #include "coro_jobs.hpp"
 
+#include <atomic>
 #include <condition_variable>
 #include <functional>
 #include <memory>
@@ -46,6 +47,7 @@ struct state : std::enable_shared_from_this<state> {
   std::vector<pollfd> fds;  // guarded by m: the wait the helper makes next
   std::chrono::steady_clock::duration timeout{};
   enum class phase { dispatching, armed, stopping } at = phase::dispatching;  // guarded by m
+  std::atomic<bool> ready{false};  // at != dispatching, readable without the lock
   int stop_rfd = -1, stop_wfd = -1;  // wakes the helper's ppoll when stopping
   std::thread helper;
 
@@ -62,6 +64,7 @@ struct state : std::enable_shared_from_this<state> {
     fds.assign(w.fds.begin(), w.fds.end());
     timeout = w.timeout;
     at = phase::armed;
+    ready.store(true, std::memory_order_release);
     cv.notify_one();
   }
   // Host thread: the helper's wait ended.
@@ -80,9 +83,13 @@ struct state : std::enable_shared_from_this<state> {
     std::vector<pollfd> mine;
     for (;;) {
       std::chrono::steady_clock::duration t;
+      // The host's dispatch is often microseconds away: spin briefly before sleeping, as
+      // the loop does for a worker's result (coro_jobs.hpp, NOTES: spin before block).
+      detail::spin_until([this] { return ready.load(std::memory_order_acquire); });
       {
         std::unique_lock<std::mutex> lock(m);
         cv.wait(lock, [&] { return at != phase::dispatching; });
+        ready.store(false, std::memory_order_relaxed);
         if (at == phase::stopping) return;
         mine = fds;
         t = timeout;
@@ -109,6 +116,7 @@ struct state : std::enable_shared_from_this<state> {
     {
       std::lock_guard<std::mutex> lock(m);
       at = phase::stopping;
+      ready.store(true, std::memory_order_release);
       cv.notify_one();
     }
     const char c = 1;

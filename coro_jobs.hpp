@@ -47,6 +47,9 @@
 //   event_loop(loop_options{...})   worker_threads, manual_clock (then advance(d), now())
 //   loop.set_watchdog(d, [fn])      reports steps that hold the loop longer than d
 //   loop.jobs() / loop.stats()      live jobs (name, state, waiting on what, how long); counts
+//   loop.run_once(max_wait)         one iteration that waits at most max_wait (0: never blocks)
+//   prepare_host_wait(), attach_host(fn), detach_host()   for running inside another loop:
+//                                   hosts/coro_jobs_glib.hpp, _qt.hpp, _guest.hpp use them
 //
 // RULES
 //   Threads: post(), quit() and task_return are safe from any thread. Everything else, jobs
@@ -88,6 +91,10 @@
 //     std::system_error(EBADF); durations saturate (negative = next iteration, huge = never);
 //     out of memory, start_job throws std::bad_alloc and leaves no job behind, and so does
 //     the co_await of a when_all/when_any that cannot start all its branches.
+//   Hosts: attached to another loop (hosts/*.hpp), the loop runs only from that loop, on its
+//     own thread; run() and a second attach throw std::logic_error. A job step that runs a
+//     nested host loop (a modal dialog's) holds this loop like any blocking call: await the
+//     dialog's answer with callback_task instead. Destroying the loop first detaches it.
 //   Fds: any number of waits and watches may share an fd. The loop polls each fd once, for
 //     the union of their events, and wakes each one whose events poll reports (POLLERR,
 //     POLLHUP and POLLNVAL: all of them); stats().fd_waits counts the waits and watches.

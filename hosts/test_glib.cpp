@@ -63,3 +63,34 @@ struct host {
 
 #define HOST_NAME "glib adapter"
 #include "hosts/test_common.hpp"
+
+TEST_SUITE("glib adapter") {
+
+TEST_CASE("a job step that runs a nested GLib loop holds the loop, and the watchdog names the job") {
+  coro_jobs::event_loop loop;
+  host h;
+  h.attach(loop);
+  std::string who;
+  loop.set_watchdog(50ms, [&](std::string_view w, std::chrono::steady_clock::duration) { who = w; });
+  int other_steps = 0, other_steps_during = -1;
+  auto other = coro_jobs::start_job(loop, [](int& n) -> coro_jobs::job<> {
+    for (; n < 100; ++n) co_await coro_jobs::sleep_task(1ms);
+  }(other_steps));
+  auto modal = coro_jobs::start_job(loop, [](host& h, int& others, int& seen) -> coro_jobs::job<> {
+    co_await coro_jobs::sleep_task(5ms);
+    const int before = others;
+    GMainLoop* nested = g_main_loop_new(h.ctx, FALSE);  // what gtk_dialog_run does
+    GSource* end = g_timeout_source_new(100);
+    g_source_set_callback(end, [](gpointer p) -> gboolean { return g_main_loop_quit(static_cast<GMainLoop*>(p)), G_SOURCE_REMOVE; }, nested, nullptr);
+    g_source_attach(end, h.ctx);
+    g_source_unref(end);
+    g_main_loop_run(nested);
+    g_main_loop_unref(nested);
+    seen = others - before;  // the other job's steps during the nested loop
+  }(h, other_steps, other_steps_during), "modal");
+  REQUIRE(h.run_until([&] { return modal.done() && other.done(); }, deadline));
+  CHECK(other_steps_during == 0);  // other jobs waited
+  CHECK(who == "modal");
+}
+
+}  // TEST_SUITE

@@ -127,7 +127,11 @@ $(BENCH)/w6_asio.o: bench/w6_asio.cpp | $(BENCH) bench-deps
 HOST_TESTS := $(BUILD)/test-guest $(BUILD)/test-glib
 GLIB_FLAGS  = $$(pkg-config --cflags glib-2.0)
 GLIB_LIBS   = $$(pkg-config --libs glib-2.0)
-.PHONY: test-hosts host-deps
+.PHONY: test-hosts test-hosts-asan test-hosts-tsan host-deps
+test-hosts-asan:
+	$(MAKE) test-hosts $(ASAN_VARS)
+test-hosts-tsan:
+	$(MAKE) test-hosts $(TSAN_VARS)
 test-hosts: $(HOST_TESTS)
 	@for t in $(HOST_TESTS); do echo "== $$t"; ./$$t || exit 1; done
 host-deps: deps
@@ -141,7 +145,7 @@ $(BUILD)/test-glib: hosts/test_glib.cpp hosts/test_common.hpp hosts/coro_jobs_gl
 
 # `make -j2 ci-build`: every program CI runs, compiled in parallel (the runs stay serial, in
 # .ci/run). Each line is one configuration; make's job server shares the -j slots among them.
-CI_BUILDS := ci-gcc ci-clang ci-asan ci-tsan ci-asan-clang ci-tsan-clang ci-bench
+CI_BUILDS := ci-gcc ci-clang ci-asan ci-tsan ci-asan-clang ci-tsan-clang ci-bench ci-hosts
 .PHONY: ci-build $(CI_BUILDS)
 ci-build: $(CI_BUILDS)
 ci-gcc:
@@ -159,6 +163,10 @@ ci-tsan-clang:
 	$(MAKE) build-tsan-clang/test CXX=clang++ BUILD=build-tsan-clang CXXFLAGS="$(TSAN_FLAGS)"
 ci-bench:
 	$(MAKE) bench-build
+ci-hosts:
+	$(MAKE) $(HOST_TESTS) CXX=g++
+	$(MAKE) $(subst $(BUILD)/,build-asan/,$(HOST_TESTS)) CXX=g++ $(ASAN_VARS)
+	$(MAKE) $(subst $(BUILD)/,build-tsan/,$(HOST_TESTS)) CXX=g++ $(TSAN_VARS)
 
 # doctest comes from the system (Debian: doctest-dev). Install it if we can, else say how.
 deps:

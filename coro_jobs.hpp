@@ -159,8 +159,8 @@
 #include <optional>
 #include <stdexcept>
 #include <stop_token>
-#include <string>
 #include <span>
+#include <string>
 #include <string_view>
 #include <system_error>  // std::system_error(EBADF) from watch() and wait_readable()
 #include <thread>        // std::thread::id: the thread a job's handles belong to
@@ -188,12 +188,9 @@
 
 namespace coro_jobs {
 
-namespace detail {
+namespace detail {  // what the declarations below refer to, defined after them
 struct loop_impl;
-struct inbox;
-struct worker_pool;
 struct job_ctx;
-struct op_base;
 struct group;
 struct handle_waiter;
 struct callback_node;
@@ -203,12 +200,10 @@ template <class T> struct job_state;
 template <class T> struct callback_state;
 template <class T> struct return_token;
 template <class T, class Start> class callback_op;
-template <class R, class Fn> class thread_op;
 class sleep_op;
 struct sleep_for;
 class fd_op;
 template <class T> struct is_job : std::false_type {};
-template <class A> struct cancel_point;
 template <class T> struct shield_awaiter;
 template <class T> struct is_shield : std::false_type {};
 template <class T> struct is_shield<shield_awaiter<T>> : std::true_type {};

@@ -37,17 +37,20 @@
 //   wait_readable(fd) / wait_writable(fd)   co_await: poll's revents
 //   job_cancelled                   thrown at the co_await of a cancelled job (no std::exception)
 //   shielded(a)                     co_await: a runs to its end although the job is cancelled
+//   next_iteration()                co_await: let every other ready job run, then go on
 //
 // COMPOSITION AND CONTROL
 //   when_all(a, b, ...)             co_await: std::tuple of results (void: std::monostate)
 //   when_any(a, b, ...)             co_await: std::variant, index() = the first to end
 //   with_timeout(d, a)              co_await: a's value, or throws timeout_error
 //   progress<T>(fn)                 fn(value) on the loop thread; get_reporter() for workers
-//   job_scope(loop, [restart])      start(job, name), cancel_all(): owns and unwinds its jobs
+//   job_scope(loop, [restart])      start(job, name), cancel_all(): owns and unwinds its jobs;
+//                                   restart::run_latest keeps only the newest repeated click
 //   event_loop(loop_options{...})   worker_threads, manual_clock (then advance(d), now())
 //   loop.set_watchdog(d, [fn])      reports steps that hold the loop longer than d
 //   loop.jobs() / loop.stats()      live jobs (name, state, waiting on what, how long); counts
 //   loop.run_once(max_wait)         one iteration that waits at most max_wait (0: never blocks)
+//   loop.run_until(handle)          run until that job ends; its result, or its error rethrown
 //   prepare_host_wait(), attach_host(fn), detach_host()   for running inside another loop:
 //                                   hosts/coro_jobs_glib.hpp, _qt.hpp, _guest.hpp use them
 //
@@ -195,6 +198,7 @@ struct group;
 struct handle_waiter;
 struct callback_node;
 struct access;
+struct held_ref;
 template <class T> struct job_promise;
 template <class T> struct job_state;
 template <class T> struct callback_state;
@@ -281,6 +285,8 @@ class callback_handle {
   detail::callback_node* n_ = nullptr;
 };
 
+template <class T> class job_handle;
+
 /// The main loop: ready work, timers, fd watches and cross-thread completions, multiplexed
 /// with one ppoll() per iteration. Not copyable or movable; bound to the creating thread.
 class event_loop {
@@ -304,6 +310,12 @@ class event_loop {
   /// poll()). Returns whether anything is still pending.
   template <class Rep, class Period>
   bool run_once(std::chrono::duration<Rep, Period> max_wait);
+  /// Runs iterations until the job of h has ended, however busy other jobs keep the loop,
+  /// and returns its result (or rethrows its error). std::logic_error if it cannot end
+  /// (nothing else is pending; with a manual clock, it waits for advance()), as for run();
+  /// std::runtime_error if quit() is called first (asyncio's run_until_complete).
+  template <class T>
+  T run_until(job_handle<T> h);
   /// Makes the current (or next) run() return after its current iteration. Any thread, and
   /// async-signal-safe: it takes no lock and allocates nothing.
   void quit() noexcept;
@@ -441,6 +453,9 @@ auto start_job(F&& make, std::string name = {});
 /// co_await sleep_task(d): resumes no earlier than d later, yielding the elapsed time.
 template <class Rep, class Period>
 detail::sleep_for sleep_task(std::chrono::duration<Rep, Period> d);
+/// co_await next_iteration(): yields to the loop, which runs everything else that is ready,
+/// and resumes on its next iteration (sleep_task(0s), by name).
+detail::sleep_for next_iteration() noexcept;
 
 /// The tag of threaded_task(abandon_on_cancel, f, args...), below.
 struct abandon_on_cancel_t {
@@ -581,7 +596,10 @@ class progress {
 /// What a job_scope does when a job is started under a name that a live job of the scope
 /// already has (a repeated click): start another, ignore the new one (returning the running
 /// job's handle), or cancel the previous one (finishing its unwinding) and start the new one.
-enum class restart { run_another, ignore_while_running, cancel_previous };
+/// run_latest: while a job of that name runs, keep only the newest start (a newer one
+/// cancels the one waiting, which never runs), and run it when the running job ends
+/// (Kotlin's conflation). Its handle's job waits first, then runs the body.
+enum class restart { run_another, ignore_while_running, cancel_previous, run_latest };
 
 /// Owns the jobs started through it: cancel_all() or the destructor cancels them and finishes
 /// their unwinding (their catch blocks and destructors run) before it returns, so a window
@@ -619,6 +637,11 @@ class job_scope {
   std::thread::id owner_;  // the loop's thread; kept here, as the loop may be gone first
   std::vector<detail::job_ctx*> jobs_;  // each holds a reference; ended ones until a sweep
   std::size_t sweep_at_ = 16;           // jobs_.size() that triggers the next sweep
+  std::vector<detail::job_ctx*> queued_;  // run_latest jobs still waiting for their turn
+  template <class T> static job<T> run_after(job_scope* scope, detail::held_ref previous, job<T> body);
+  template <class T> job_handle<T> queue(job_handle<T> h);  // a run_latest job, waiting
+  detail::job_ctx* take_turn(const std::string& name);  // cancels the waiting; the running one
+  void unqueue(detail::job_ctx* j) noexcept;             // its turn came
   void check_thread(const char* what) const;
 };
 
@@ -1224,6 +1247,12 @@ struct handle_waiter : op_base {
   job_ctx* target = nullptr;
   handle_waiter* next = nullptr;
   const char* what() const noexcept override { return "job_handle"; }
+  void wait_for(job_ctx* t, std::coroutine_handle<> w) noexcept {  // until t ends
+    waiter = w;
+    target = t;
+    next = t->waiters;
+    t->waiters = this;
+  }
   void cancel_op() noexcept override {
     for (handle_waiter** p = &target->waiters; *p; p = &(*p)->next) {
       if (*p == this) {
@@ -1380,6 +1409,12 @@ struct loop_impl {
 
   // ---- one iteration
   bool pending() const noexcept;
+  // With a manual clock, only advance() can make progress: nothing is ready and nothing but
+  // timers and callback tasks is pending (a thread function or an fd would wake the loop).
+  bool waits_for_advance() const noexcept {
+    return manual && ready.empty() && pfds.size() == own_fds && threads_out == 0 &&
+           !box->signalled.load(std::memory_order_acquire);
+  }
   bool run_once(duration max_wait);  // max(): as long as time_to_wait() says
   duration time_to_wait() const noexcept;
   // A host loop drives this one (attach_host): the pipe is always written, wait() always
@@ -2515,16 +2550,40 @@ struct handle_awaiter final : handle_waiter {
     return ctx->cancelled() || s->done();
   }
   void await_suspend(std::coroutine_handle<> w) noexcept {
-    auto* s = access::state(h);
-    waiter = w;
-    target = s;
-    next = s->waiters;
-    s->waiters = this;
+    wait_for(access::state(h), w);
     park();
   }
   T await_resume() {
     if (ctx->cancelled()) throw job_cancelled{};
     return access::state(h)->get();
+  }
+};
+
+// co_await job_end(j): until job j has ended; its result is not read (restart::run_latest).
+struct job_end final : handle_waiter {
+  job_ctx* j;
+  explicit job_end(job_ctx* p) noexcept : j(p) {}
+  bool await_ready() const {
+    require_job(ctx);
+    return ctx->cancelled() || j->done();
+  }
+  void await_suspend(std::coroutine_handle<> w) noexcept {
+    wait_for(j, w);
+    park();
+  }
+  void await_resume() const {
+    if (ctx->cancelled()) throw job_cancelled{};
+  }
+};
+// A reference to a job's state, released with it (a coroutine parameter, so a frame that
+// never runs still releases it).
+struct held_ref {
+  job_ctx* j;
+  explicit held_ref(job_ctx* p) noexcept : j(p) { ++j->refs; }
+  held_ref(held_ref&& o) noexcept : j(std::exchange(o.j, nullptr)) {}
+  held_ref& operator=(held_ref&&) = delete;
+  ~held_ref() {
+    if (j) j->release();
   }
 };
 
@@ -3031,12 +3090,8 @@ struct [[nodiscard]] shield_awaiter {
     return false;
   }
   void await_suspend(std::coroutine_handle<> hh) noexcept {
-    job_ctx* s = access::state(h);
     w.ctx = ctx;
-    w.waiter = hh;
-    w.target = s;
-    w.next = s->waiters;
-    s->waiters = &w;
+    w.wait_for(access::state(h), hh);
   }
   T await_resume() { return static_cast<job_state<T>*>(access::state(h))->get(); }
 };
@@ -3240,6 +3295,26 @@ template <class Rep, class Period>
 detail::sleep_for sleep_task(std::chrono::duration<Rep, Period> d) {
   return {detail::saturate(d)};
 }
+inline detail::sleep_for next_iteration() noexcept { return {detail::duration::zero()}; }
+
+template <class T>
+T event_loop::run_until(job_handle<T> h) {
+  if (!h) throw std::invalid_argument("coro_jobs: run_until of an empty job_handle");
+  auto& l = *impl_;
+  l.check_thread("coro_jobs: event_loop::run_until called from a thread that does not own the loop");
+  if (l.in_iteration) detail::fail_logic("coro_jobs: run_until called from inside the loop");
+  if (l.hosted) detail::fail_logic("coro_jobs: run_until of an event_loop attached to a host loop; the host runs it");
+  if (detail::access::state(h)->home != &l) detail::fail_logic("coro_jobs: run_until of a job started on another event_loop");
+  while (!h.done()) {
+    if (l.box->quit.exchange(false))
+      throw std::runtime_error("coro_jobs: quit() was called before the job given to run_until ended");
+    if (!run_once() && !h.done())
+      detail::fail_logic("coro_jobs: run_until: nothing is pending and the job has not ended");
+    if (!h.done() && l.waits_for_advance())
+      detail::fail_logic("coro_jobs: run_until: the job waits for advance() (manual clock)");
+  }
+  return h.result();
+}
 
 namespace detail {
 template <class F, class... Args>
@@ -3410,15 +3485,52 @@ std::optional<job_handle<T>> job_scope::apply_policy(const std::string& name, re
 template <class T>
 job_handle<T> job_scope::start(job<T> j, std::string name, restart policy) {
   if (!j) throw std::invalid_argument("coro_jobs: job_scope::start of an empty job");
-  if (auto running = apply_policy<T>(name, policy)) return *running;  // j is dropped unstarted
+  if (policy == restart::run_latest && !name.empty()) {
+    loop_->check_thread("coro_jobs: job_scope used from a thread that does not own the loop");
+    if (detail::job_ctx* running = take_turn(name))
+      return queue(adopt(start_job(*loop_->self, run_after(this, detail::held_ref(running), std::move(j)),
+                                   std::move(name))));
+  } else if (auto running = apply_policy<T>(name, policy)) {
+    return *running;  // j is dropped unstarted
+  }
   return adopt(start_job(*loop_->self, std::move(j), std::move(name)));
 }
 template <class F>
   requires std::invocable<F&> && detail::is_job<std::invoke_result_t<F&>>::value
 auto job_scope::start(F&& make, std::string name, std::optional<restart> policy) {
   using T = typename std::invoke_result_t<F&>::value_type;
-  if (auto running = apply_policy<T>(name, policy.value_or(policy_))) return *running;
+  const restart p = policy.value_or(policy_);
+  if (p == restart::run_latest && !name.empty()) {
+    loop_->check_thread("coro_jobs: job_scope used from a thread that does not own the loop");
+    if (detail::job_ctx* running = take_turn(name)) {
+      // start_job keeps this lambda, and with it make's captures, until the job ends.
+      auto after = [this, held = std::make_shared<detail::held_ref>(running),
+                    make = std::forward<F>(make)]() mutable {
+        return run_after(this, detail::held_ref(held->j), make());
+      };
+      return queue(adopt(start_job(*loop_->self, std::move(after), std::move(name))));
+    }
+  } else if (auto running = apply_policy<T>(name, p)) {
+    return *running;
+  }
   return adopt(start_job(*loop_->self, std::forward<F>(make), std::move(name)));
+}
+// restart::run_latest: waits for the running job of its name, then runs body.
+template <class T>
+job<T> job_scope::run_after(job_scope* scope, detail::held_ref previous, job<T> body) {
+  co_await detail::job_end(previous.j);
+  scope->unqueue(co_await detail::this_job{});
+  if constexpr (std::is_void_v<T>)
+    co_await std::move(body);
+  else
+    co_return co_await std::move(body);
+}
+template <class T>
+job_handle<T> job_scope::queue(job_handle<T> h) {
+  detail::job_ctx* c = detail::access::state(h);
+  queued_.push_back(c);
+  ++c->refs;
+  return h;
 }
 
 
@@ -3522,14 +3634,7 @@ inline void event_loop::run() {
   impl_->check_thread("coro_jobs: event_loop::run called from a thread that does not own the loop");
   if (impl_->in_iteration) detail::fail_logic("coro_jobs: run() or run_once() called from inside the loop");
   if (impl_->hosted) detail::fail_logic("coro_jobs: run() of an event_loop attached to a host loop; the host runs it");
-  auto& l = *impl_;
-  while (!l.box->quit.exchange(false) && run_once()) {
-    // With a manual clock, timers alone cannot make progress: return and let the caller
-    // advance() the clock, instead of spinning.
-    // (Callback tasks may be waiting for a timer too; a thread function or an fd would wake us.)
-    if (l.manual && l.ready.empty() && l.pfds.size() == l.own_fds && l.threads_out == 0 &&
-        !l.box->signalled.load(std::memory_order_acquire))
-      break;
+  while (!impl_->box->quit.exchange(false) && run_once() && !impl_->waits_for_advance()) {
   }
 }
 inline void event_loop::quit() noexcept {
@@ -3660,6 +3765,30 @@ inline job_scope::~job_scope() {
   for (int round = 0; round < 1000 && cancel_all() > 0; ++round) {
   }
   for (detail::job_ctx* j : jobs_) j->release();
+  for (detail::job_ctx* j : queued_) j->release();
+}
+// run_latest: the job of that name that is waiting for its turn, if any, is cancelled (its
+// body never runs); the one running, if any, is what the new one waits for.
+inline detail::job_ctx* job_scope::take_turn(const std::string& name) {
+  std::vector<detail::job_ctx*> waiting;  // held: unwinding may start jobs (see cancel_all)
+  for (detail::job_ctx* j : queued_)
+    if (!j->done() && j->extra.name() == name) waiting.push_back(j), ++j->refs;
+  for (detail::job_ctx* j : waiting) {
+    if (!j->done()) loop_->finish_now(j);
+    unqueue(j);
+    j->release();
+  }
+  for (detail::job_ctx* j : jobs_)
+    if (!j->done() && j->extra.name() == name &&
+        std::find(queued_.begin(), queued_.end(), j) == queued_.end())
+      return j;
+  return nullptr;
+}
+inline void job_scope::unqueue(detail::job_ctx* j) noexcept {
+  auto it = std::find(queued_.begin(), queued_.end(), j);
+  if (it == queued_.end()) return;
+  queued_.erase(it);
+  j->release();
 }
 inline std::size_t job_scope::size() {
   check_thread("coro_jobs: job_scope::size called from a thread that does not own the loop");

@@ -1709,7 +1709,10 @@ inline bool loop_impl::pending() const noexcept {
 //   4. report whether anything is still pending.
 inline bool loop_impl::run_once(duration max_wait) {
   if (in_iteration) fail_logic("coro_jobs: run() or run_once() called from inside the loop");
-  if (!pending() && !hosted) return false;  // hosted: still drain what woke the host
+  if (!pending()) {
+    if (!hosted) return false;
+    max_wait = duration::zero();  // hosted: still drain what woke the host, never block
+  }
   in_iteration = true;
   struct end_of_iteration {  // on every way out, an error handler's throw included
     loop_impl& l;
@@ -3487,9 +3490,11 @@ job_handle<T> job_scope::start(job<T> j, std::string name, restart policy) {
   if (!j) throw std::invalid_argument("coro_jobs: job_scope::start of an empty job");
   if (policy == restart::run_latest && !name.empty()) {
     loop_->check_thread("coro_jobs: job_scope used from a thread that does not own the loop");
-    if (detail::job_ctx* running = take_turn(name))
+    if (detail::job_ctx* running = take_turn(name)) {
+      queued_.reserve(queued_.size() + 1);  // so that queue() cannot fail once it has started
       return queue(adopt(start_job(*loop_->self, run_after(this, detail::held_ref(running), std::move(j)),
                                    std::move(name))));
+    }
   } else if (auto running = apply_policy<T>(name, policy)) {
     return *running;  // j is dropped unstarted
   }
@@ -3508,6 +3513,7 @@ auto job_scope::start(F&& make, std::string name, std::optional<restart> policy)
                     make = std::forward<F>(make)]() mutable {
         return run_after(this, detail::held_ref(held->j), make());
       };
+      queued_.reserve(queued_.size() + 1);
       return queue(adopt(start_job(*loop_->self, std::move(after), std::move(name))));
     }
   } else if (auto running = apply_policy<T>(name, p)) {

@@ -35,6 +35,7 @@
 //   callback_task<T>(start)         co_await: start(task_return<T>) is called; the job resumes
 //                                   when task_return(value) is called, from any thread, once
 //   wait_readable(fd) / wait_writable(fd)   co_await: poll's revents
+//   line_reader(fd, [max])          co_await r.next_line(): a line, or nullopt at the end
 //   job_cancelled                   thrown at the co_await of a cancelled job (no std::exception)
 //   shielded(a)                     co_await: a runs to its end although the job is cancelled
 //   next_iteration()                co_await: let every other ready job run, then go on
@@ -519,6 +520,27 @@ detail::callback_op<T, std::decay_t<Start>> callback_task(Start&& start);
 /// closed while waited on).
 detail::fd_op wait_readable(int fd);
 detail::fd_op wait_writable(int fd);
+
+/// Reads lines from any readable fd (a pipe, a socket, a tty, stdin) without blocking the
+/// loop: each read follows a wait_readable, so the fd's flags are left as they are. It does
+/// not own the fd. Memory stays under max_line plus one 64 KiB read.
+class line_reader {
+ public:
+  /// std::invalid_argument for max_line 0.
+  explicit line_reader(int fd, std::size_t max_line = std::size_t(1) << 20);
+  /// co_await r.next_line(): the next line without its '\n'; at the end of the stream, a
+  /// last line without '\n' (if any), then std::nullopt. A line longer than max_line throws
+  /// std::length_error (the reader then stays at that point); a read error std::system_error.
+  job<std::optional<std::string>> next_line();
+
+ private:
+  int fd_;
+  std::size_t max_;
+  std::string buf_;        // bytes read and not yet returned, from start_
+  std::size_t start_ = 0;  // where the next line begins in buf_
+  std::size_t scanned_ = 0;  // bytes after start_ known to hold no '\n'
+  bool eof_ = false;
+};
 
 // --- Composition -------------------------------------------------------------------------
 // when_all, when_any and with_timeout take any mix of tasks, jobs (by value) and job
@@ -3755,6 +3777,44 @@ inline void event_loop::set_error_handler(error_handler handler) {
 
 inline detail::fd_op wait_readable(int fd) { return detail::fd_op(fd, POLLIN); }
 inline detail::fd_op wait_writable(int fd) { return detail::fd_op(fd, POLLOUT); }
+
+inline line_reader::line_reader(int fd, std::size_t max_line) : fd_(fd), max_(max_line) {
+  if (max_line == 0) throw std::invalid_argument("coro_jobs: line_reader with a max_line of 0");
+}
+inline job<std::optional<std::string>> line_reader::next_line() {
+  constexpr std::size_t chunk = 64 * 1024;
+  for (;;) {
+    const std::size_t nl = buf_.find('\n', start_ + scanned_);
+    if ((nl == std::string::npos ? buf_.size() : nl) - start_ > max_)
+      throw std::length_error("coro_jobs: line_reader: a line longer than max_line");
+    if (nl != std::string::npos) {
+      std::string line = buf_.substr(start_, nl - start_);
+      start_ = nl + 1;
+      scanned_ = 0;
+      if (start_ > buf_.size() / 2) {  // compact: the buffer never holds more than a line and a read
+        buf_.erase(0, start_);
+        start_ = 0;
+      }
+      co_return line;
+    }
+    scanned_ = buf_.size() - start_;
+    if (eof_) {
+      if (scanned_ == 0) co_return std::nullopt;
+      std::string last = buf_.substr(start_);
+      buf_.clear();
+      start_ = scanned_ = 0;
+      co_return last;
+    }
+    co_await wait_readable(fd_);
+    const std::size_t old = buf_.size();
+    buf_.resize(old + chunk);
+    const ssize_t n = ::read(fd_, buf_.data() + old, chunk);
+    buf_.resize(old + std::size_t(n > 0 ? n : 0));
+    if (n == 0) eof_ = true;
+    if (n < 0 && errno != EINTR && errno != EAGAIN && errno != EWOULDBLOCK)
+      throw std::system_error(errno, std::generic_category(), "coro_jobs: line_reader: read");
+  }
+}
 
 inline job_scope::job_scope(event_loop& loop, restart policy)
     : loop_(&detail::access::impl(loop)), policy_(policy), owner_(loop_->owner) {}

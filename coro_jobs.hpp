@@ -36,6 +36,8 @@
 //                                   when task_return(value) is called, from any thread, once
 //   wait_readable(fd) / wait_writable(fd)   co_await: poll's revents
 //   line_reader(fd, [max])          co_await r.next_line(): a line, or nullopt at the end
+//   start_process(options)          co_await: a process; p.out()/p.err() line readers,
+//                                   co_await p.wait(): exit code or signal; killed on cancel
 //   job_cancelled                   thrown at the co_await of a cancelled job (no std::exception)
 //   shielded(a)                     co_await: a runs to its end although the job is cancelled
 //   next_iteration()                co_await: let every other ready job run, then go on
@@ -182,13 +184,19 @@
 #include <deque>
 
 #include <fcntl.h>
+#include <signal.h>
+#include <spawn.h>     // posix_spawnp: the process task
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 #ifdef __linux__
 #include <sched.h>  // sched_getaffinity
 #include <sys/prctl.h>
+#include <sys/syscall.h>  // pidfd_open
 #include <sys/timerfd.h>
 #endif
+
+extern char** environ;
 
 namespace coro_jobs {
 
@@ -540,7 +548,66 @@ class line_reader {
   std::size_t start_ = 0;  // where the next line begins in buf_
   std::size_t scanned_ = 0;  // bytes after start_ known to hold no '\n'
   bool eof_ = false;
+  friend class process;
 };
+
+/// How a child process's stdout or stderr is connected.
+enum class stdio { capture, inherit, discard };
+
+/// What start_process runs.
+struct process_options {
+  std::vector<std::string> argv;  // argv[0] is looked up in PATH
+  std::string cwd;                // empty: the caller's
+  std::vector<std::pair<std::string, std::string>> env;  // set in the child's environment
+  std::optional<std::string> input;  // written to stdin, which is then closed; none: /dev/null
+  stdio out = stdio::capture, err = stdio::capture;
+  std::chrono::milliseconds grace{2000};  // a child still running when its process object
+                                          // dies gets SIGTERM, then SIGKILL after this
+  std::size_t max_line = std::size_t(1) << 20;  // for out() and err()
+};
+
+/// How a child ended: exited with `code`, or killed by `signal` (then code is -1).
+struct exit_status {
+  int code = -1;
+  int signal = 0;
+};
+
+/// A running child process (move-only), from co_await start_process(options). Its streams
+/// are read with out() and err(); co_await wait() gives its exit, noticed without polling
+/// (a pidfd on Linux; elsewhere waitpid every 10 ms). Destroyed while the child runs (the job
+/// that owns it was cancelled, say), it sends SIGTERM, then SIGKILL after options.grace, and
+/// a job of the loop reaps the child; destroying the loop kills and reaps it at once. No
+/// zombie and no open pipe is left.
+class process {
+ public:
+  process() = default;
+  process(process&& o) noexcept;
+  process& operator=(process&& o) noexcept;
+  ~process();
+  /// The captured stdout / stderr; std::logic_error if it was not captured.
+  line_reader& out();
+  line_reader& err();
+  /// co_await p.wait(): the child's exit. Once only; std::logic_error for an empty process.
+  job<exit_status> wait();
+  /// co_await p.read_all(p.out()): the rest of that stream, up to its end, as one string.
+  static job<std::string> read_all(line_reader& r);
+  int pid() const noexcept { return pid_; }
+
+ private:
+  friend job<process> start_process(process_options options);
+  void release() noexcept;
+  event_loop* loop_ = nullptr;
+  int pid_ = -1, pidfd_ = -1, in_fd_ = -1;
+  std::optional<line_reader> out_, err_;
+  std::chrono::milliseconds grace_{0};
+  job_handle<> writer_;  // feeds options.input to stdin
+  bool reaped_ = false;
+};
+
+/// co_await start_process(options): starts the child. A program that cannot be started
+/// throws std::system_error with its errno here (not a child exiting with 127); an empty
+/// argv throws std::invalid_argument.
+job<process> start_process(process_options options);
 
 // --- Composition -------------------------------------------------------------------------
 // when_all, when_any and with_timeout take any mix of tasks, jobs (by value) and job
@@ -3781,6 +3848,248 @@ inline detail::fd_op wait_writable(int fd) { return detail::fd_op(fd, POLLOUT); 
 inline line_reader::line_reader(int fd, std::size_t max_line) : fd_(fd), max_(max_line) {
   if (max_line == 0) throw std::invalid_argument("coro_jobs: line_reader with a max_line of 0");
 }
+inline job<std::string> process::read_all(line_reader& r) {
+  std::string all;
+  for (;;) {
+    all.append(r.buf_, r.start_, std::string::npos);
+    r.buf_.clear();
+    r.start_ = r.scanned_ = 0;
+    if (r.eof_) co_return all;
+    co_await wait_readable(r.fd_);
+    char chunk[4096];
+    const ssize_t n = ::read(r.fd_, chunk, sizeof chunk);
+    if (n > 0) r.buf_.assign(chunk, std::size_t(n));
+    if (n == 0) r.eof_ = true;
+    if (n < 0 && errno != EINTR && errno != EAGAIN && errno != EWOULDBLOCK)
+      throw std::system_error(errno, std::generic_category(), "coro_jobs: read_all: read");
+  }
+}
+
+namespace detail {
+inline int open_pidfd(int pid) noexcept {
+#if defined(__linux__) && defined(SYS_pidfd_open)
+  return int(::syscall(SYS_pidfd_open, pid, 0));
+#else
+  (void)pid;
+  return -1;
+#endif
+}
+// Waits for the child to exit and reaps it: on its pidfd, or by polling waitpid every 10 ms.
+inline job<exit_status> reap(int pid, int pidfd) {
+  int status = 0;
+  for (;;) {
+    if (pidfd >= 0) co_await wait_readable(pidfd);
+    const int r = ::waitpid(pid, &status, WNOHANG);
+    if (r == pid) break;
+    if (r < 0 && errno != EINTR) throw std::system_error(errno, std::generic_category(), "coro_jobs: waitpid");
+    if (pidfd < 0) co_await sleep_task(std::chrono::milliseconds(10));
+  }
+  if (WIFSIGNALED(status)) co_return exit_status{-1, WTERMSIG(status)};
+  co_return exit_status{WEXITSTATUS(status), 0};
+}
+// What a process object leaves to the loop when it dies with its child running: SIGTERM was
+// sent; SIGKILL follows after `grace`. If the loop goes first, the guard kills and reaps.
+struct child_guard {
+  int pid, pidfd;
+  child_guard(int p, int fd) noexcept : pid(p), pidfd(fd) {}
+  child_guard(child_guard&& o) noexcept : pid(std::exchange(o.pid, -1)), pidfd(std::exchange(o.pidfd, -1)) {}
+  child_guard& operator=(child_guard&&) = delete;
+  ~child_guard() {
+    if (pid > 0 && ::waitpid(pid, nullptr, WNOHANG) == 0) {
+      ::kill(pid, SIGKILL);
+      while (::waitpid(pid, nullptr, 0) < 0 && errno == EINTR) {
+      }
+    }
+    if (pidfd >= 0) ::close(pidfd);
+  }
+};
+inline job<> finish_child(child_guard g, std::chrono::milliseconds grace) {
+  bool late = false;
+  try {
+    co_await with_timeout(grace, reap(g.pid, g.pidfd));
+  } catch (const timeout_error&) {
+    late = true;
+  }
+  if (late) {
+    ::kill(g.pid, SIGKILL);
+    co_await reap(g.pid, g.pidfd);
+  }
+  g.pid = -1;  // reaped
+}
+inline job<> write_all(int fd, std::string data) {
+  struct closer {
+    int fd;
+    ~closer() { ::close(fd); }
+  } c{fd};
+  // A child that closed its stdin makes write() raise SIGPIPE, which would end this program:
+  // it is blocked around the write, and consumed if it was ours.
+  sigset_t pipe_signal, old;
+  sigemptyset(&pipe_signal);
+  sigaddset(&pipe_signal, SIGPIPE);
+  for (std::size_t off = 0; off < data.size();) {
+    co_await wait_writable(fd);
+    ::pthread_sigmask(SIG_BLOCK, &pipe_signal, &old);
+    const ssize_t n = ::write(fd, data.data() + off, data.size() - off);
+    const int error = errno;
+    if (n < 0 && error == EPIPE) {
+      const timespec zero{};
+      ::sigtimedwait(&pipe_signal, nullptr, &zero);
+    }
+    ::pthread_sigmask(SIG_SETMASK, &old, nullptr);
+    errno = error;
+    if (n > 0) off += std::size_t(n);
+    if (n < 0 && errno == EPIPE) co_return;  // the child closed its stdin: it wants no more
+    if (n < 0 && errno != EINTR && errno != EAGAIN && errno != EWOULDBLOCK)
+      throw std::system_error(errno, std::generic_category(), "coro_jobs: writing a child's stdin");
+  }
+}
+}  // namespace detail
+
+inline job<process> start_process(process_options o) {
+  if (o.argv.empty()) throw std::invalid_argument("coro_jobs: start_process with an empty argv");
+  event_loop& loop = *(co_await detail::this_job{})->loop->self;
+  // Pipes, ours with O_CLOEXEC; the child's ends are dup2'd onto 0, 1 and 2.
+  struct fds_t {
+    int in[2] = {-1, -1}, out[2] = {-1, -1}, err[2] = {-1, -1};
+    ~fds_t() {
+      for (int* p : {in, out, err})
+        for (int i = 0; i < 2; ++i)
+          if (p[i] >= 0) ::close(p[i]);
+    }
+  } f;
+  auto make_pipe = [](int* p) {
+    if (::pipe(p) != 0) throw std::system_error(errno, std::generic_category(), "coro_jobs: pipe");
+    for (int i = 0; i < 2; ++i) ::fcntl(p[i], F_SETFD, FD_CLOEXEC);
+  };
+  if (o.input) make_pipe(f.in);
+  if (o.out == stdio::capture) make_pipe(f.out);
+  if (o.err == stdio::capture) make_pipe(f.err);
+  posix_spawn_file_actions_t fa;
+  posix_spawnattr_t attr;
+  posix_spawn_file_actions_init(&fa);
+  posix_spawnattr_init(&attr);
+  struct spawn_cleanup {
+    posix_spawn_file_actions_t* fa;
+    posix_spawnattr_t* attr;
+    ~spawn_cleanup() {
+      posix_spawn_file_actions_destroy(fa);
+      posix_spawnattr_destroy(attr);
+    }
+  } cleanup{&fa, &attr};
+  if (o.input) posix_spawn_file_actions_adddup2(&fa, f.in[0], 0);
+  else posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
+  auto connect = [&](stdio how, int* p, int target) {
+    if (how == stdio::capture) posix_spawn_file_actions_adddup2(&fa, p[1], target);
+    if (how == stdio::discard) posix_spawn_file_actions_addopen(&fa, target, "/dev/null", O_WRONLY, 0);
+  };
+  connect(o.out, f.out, 1);
+  connect(o.err, f.err, 2);
+#if defined(__GLIBC__) && (__GLIBC__ > 2 || __GLIBC_MINOR__ >= 29)
+  if (!o.cwd.empty()) posix_spawn_file_actions_addchdir_np(&fa, o.cwd.c_str());
+#else
+  if (!o.cwd.empty()) throw std::invalid_argument("coro_jobs: start_process: cwd needs glibc 2.29");
+#endif
+  sigset_t none, defaults;  // the child starts with no signal blocked and SIGPIPE at its default
+  sigemptyset(&none);
+  sigemptyset(&defaults);
+  sigaddset(&defaults, SIGPIPE);
+  posix_spawnattr_setsigmask(&attr, &none);
+  posix_spawnattr_setsigdefault(&attr, &defaults);
+  posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
+  std::vector<char*> argv;
+  for (auto& a : o.argv) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  std::vector<std::string> env_strings;
+  for (char** e = environ; e && *e; ++e) {
+    const std::string_view kv(*e);
+    const auto eq = kv.find('=');
+    const bool replaced = std::any_of(o.env.begin(), o.env.end(),
+                                      [&](const auto& p) { return kv.substr(0, eq) == p.first; });
+    if (!replaced) env_strings.emplace_back(kv);
+  }
+  for (auto& [k, v] : o.env) env_strings.push_back(k + "=" + v);
+  std::vector<char*> envp;
+  for (auto& e : env_strings) envp.push_back(e.data());
+  envp.push_back(nullptr);
+  pid_t pid = -1;
+  if (const int e = ::posix_spawnp(&pid, argv[0], &fa, &attr, argv.data(), envp.data()); e != 0)
+    throw std::system_error(e, std::generic_category(), "coro_jobs: start_process: " + o.argv[0]);
+  process p;
+  p.loop_ = &loop;
+  p.pid_ = pid;
+  p.pidfd_ = detail::open_pidfd(pid);
+  if (p.pidfd_ >= 0) ::fcntl(p.pidfd_, F_SETFD, FD_CLOEXEC);
+  p.grace_ = o.grace;
+  if (o.out == stdio::capture) p.out_.emplace(std::exchange(f.out[0], -1), o.max_line);
+  if (o.err == stdio::capture) p.err_.emplace(std::exchange(f.err[0], -1), o.max_line);
+  if (o.input) {
+    ::fcntl(f.in[1], F_SETFL, ::fcntl(f.in[1], F_GETFL) | O_NONBLOCK);
+    p.in_fd_ = std::exchange(f.in[1], -1);
+    p.writer_ = start_job(loop, detail::write_all(p.in_fd_, std::move(*o.input)), "process stdin");
+  }
+  co_return p;
+}
+
+inline process::process(process&& o) noexcept
+    : loop_(o.loop_), pid_(std::exchange(o.pid_, -1)), pidfd_(std::exchange(o.pidfd_, -1)),
+      in_fd_(std::exchange(o.in_fd_, -1)), out_(std::move(o.out_)), err_(std::move(o.err_)),
+      grace_(o.grace_), writer_(std::move(o.writer_)), reaped_(o.reaped_) {
+  o.out_.reset();
+  o.err_.reset();
+}
+inline process& process::operator=(process&& o) noexcept {
+  if (this != &o) {
+    release();
+    loop_ = o.loop_;
+    pid_ = std::exchange(o.pid_, -1);
+    pidfd_ = std::exchange(o.pidfd_, -1);
+    in_fd_ = std::exchange(o.in_fd_, -1);
+    out_ = std::move(o.out_);
+    err_ = std::move(o.err_);
+    o.out_.reset();
+    o.err_.reset();
+    grace_ = o.grace_;
+    writer_ = std::move(o.writer_);
+    reaped_ = o.reaped_;
+  }
+  return *this;
+}
+inline process::~process() { release(); }
+inline void process::release() noexcept {
+  if (writer_) writer_.cancel();  // it closes stdin as it unwinds
+  writer_ = {};
+  if (out_) ::close(out_->fd_);
+  if (err_) ::close(err_->fd_);
+  out_.reset();
+  err_.reset();
+  if (pid_ > 0 && !reaped_) {
+    if (::waitpid(pid_, nullptr, WNOHANG) == 0) {  // still running: the loop finishes it
+      ::kill(pid_, SIGTERM);
+      try {
+        start_job(*loop_, detail::finish_child(detail::child_guard(pid_, std::exchange(pidfd_, -1)), grace_),
+                  "process reaper");
+      } catch (...) {  // out of memory, or the loop is shutting down: the guard killed and reaped
+      }
+    }
+  }
+  if (pidfd_ >= 0) ::close(pidfd_);
+  pid_ = pidfd_ = -1;
+}
+inline line_reader& process::out() {
+  if (!out_) throw std::logic_error("coro_jobs: process::out(): stdout was not captured");
+  return *out_;
+}
+inline line_reader& process::err() {
+  if (!err_) throw std::logic_error("coro_jobs: process::err(): stderr was not captured");
+  return *err_;
+}
+inline job<exit_status> process::wait() {
+  if (pid_ <= 0 || reaped_) throw std::logic_error("coro_jobs: process::wait() of an empty or already awaited process");
+  const exit_status st = co_await detail::reap(pid_, pidfd_);
+  reaped_ = true;
+  co_return st;
+}
+
 inline job<std::optional<std::string>> line_reader::next_line() {
   constexpr std::size_t chunk = 64 * 1024;
   for (;;) {

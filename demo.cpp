@@ -6,7 +6,8 @@
 //                  fed by a progress<int> reporter
 //   Convert        the same kind of job, stopped halfway by a click on Cancel (job_handle::cancel)
 //   Sleep          co_awaits sleep_task and shows how long it really slept
-//   Fetch          its worker thread throws; the job shows the error, and so does result()
+//   Fetch          runs a real program (start_process) and shows its lines as it prints them;
+//                  it fails, and the job shows its error, as does result()
 //   Save           asks a question in a "dialog" (callback_task) answered by a click on Yes
 //   Ping           with_timeout(500 ms) around a reply that never comes: timeout_error. Started
 //                  with restart::ignore_while_running, so a second quick click is ignored
@@ -220,10 +221,6 @@ int copy_blocking(std::stop_token stop, progress<int>::reporter report, int chun
   return chunks * 64;  // KiB
 }
 
-std::string fetch_blocking(std::stop_token, std::string host) {
-  std::this_thread::sleep_for(700ms);  // a DNS lookup that takes its time, then fails
-  throw std::runtime_error("cannot resolve " + host);
-}
 
 // --- The jobs: sequential code, with a co_await wherever the recipe has a yield ------------
 
@@ -261,14 +258,21 @@ job<> nap(window& w, row& r) {
   w.say(r, format("slept %.3f s", to_seconds(slept)));
 }
 
+// A real program (a lookup that takes its time, then fails), run without blocking the loop:
+// each line it prints shows up as it comes. Its error becomes the job's: result() sees it.
 job<> fetch(window& w, row& r) {
-  w.say(r, "fetching example.invalid");
-  try {
-    co_await threaded_task(fetch_blocking, std::string("example.invalid"));
-  } catch (const std::runtime_error& e) {  // not std::exception: that would catch job_cancelled
-    w.say(r, std::string("failed: ") + e.what());
-    throw;  // and result() sees it too
-  }
+  process_options o;
+  o.argv = {"sh", "-c",
+            "for i in 1 2 3; do echo \"resolving example.invalid ($i)\"; sleep 0.2; done;"
+            "echo 'cannot resolve example.invalid' >&2; exit 6"};
+  process p = co_await start_process(std::move(o));
+  while (auto line = co_await p.out().next_line()) w.say(r, *line);
+  std::string why = co_await process::read_all(p.err());
+  const exit_status st = co_await p.wait();
+  if (st.code == 0) co_return;
+  if (!why.empty() && why.back() == '\n') why.pop_back();
+  w.say(r, "failed: " + why + " (exit " + std::to_string(st.code) + ")");
+  throw std::runtime_error(why);
 }
 
 // The dialog's answer comes later, from whoever calls task_return: here the Yes button.

@@ -95,6 +95,9 @@
 
 #ifndef CORO_JOBS_HPP
 #define CORO_JOBS_HPP
+#define CORO_JOBS_VERSION_MAJOR 0
+#define CORO_JOBS_VERSION_MINOR 2
+#define CORO_JOBS_VERSION_PATCH 0
 
 #include <algorithm>
 #include <array>

@@ -115,6 +115,35 @@ $(BENCH)/w6_asio.o: bench/w6_asio.cpp | $(BENCH) bench-deps
 	$(CXX) $(REQUIRED) -Wall -Wextra -Werror $(BENCH_OPT) $(BENCH_ASIO) -c bench/w6_asio.cpp -o $@
 # --- end bench ---
 
+# --- packaging (issue 14): install, uninstall ---
+# `make install PREFIX=...` (default /usr/local; DESTDIR honoured): the header (and hosts/*.hpp)
+# in PREFIX/include/coro_jobs/, coro_jobs.pc in PREFIX/share/pkgconfig/, the CMake package in
+# PREFIX/share/cmake/coro_jobs/ (the same files as CMake's install(), from packaging/).
+# `make uninstall` with the same PREFIX and DESTDIR removes exactly those.
+PREFIX  ?= /usr/local
+DESTDIR ?=
+VERSION := $(shell awk '/^\#define CORO_JOBS_VERSION_(MAJOR|MINOR|PATCH) /{v = v s $$3; s = "."} END {print v}' coro_jobs.hpp)
+HOST_HEADERS := $(wildcard hosts/*.hpp)
+INSTALLED := include/coro_jobs/coro_jobs.hpp $(addprefix include/coro_jobs/,$(HOST_HEADERS)) \
+  share/pkgconfig/coro_jobs.pc share/cmake/coro_jobs/coro_jobsConfig.cmake \
+  share/cmake/coro_jobs/coro_jobsConfigVersion.cmake
+FILL = sed -e 's|@CORO_JOBS_PREFIX@|$(PREFIX)|g' -e 's|@CORO_JOBS_VERSION@|$(VERSION)|g'
+.PHONY: install uninstall
+install:
+	install -d $(DESTDIR)$(PREFIX)/include/coro_jobs $(DESTDIR)$(PREFIX)/share/pkgconfig \
+	  $(DESTDIR)$(PREFIX)/share/cmake/coro_jobs $(if $(HOST_HEADERS),$(DESTDIR)$(PREFIX)/include/coro_jobs/hosts)
+	install -m 644 coro_jobs.hpp $(DESTDIR)$(PREFIX)/include/coro_jobs/
+	$(if $(HOST_HEADERS),install -m 644 $(HOST_HEADERS) $(DESTDIR)$(PREFIX)/include/coro_jobs/hosts/)
+	$(FILL) packaging/coro_jobs.pc.in >$(DESTDIR)$(PREFIX)/share/pkgconfig/coro_jobs.pc
+	install -m 644 packaging/coro_jobsConfig.cmake $(DESTDIR)$(PREFIX)/share/cmake/coro_jobs/
+	$(FILL) packaging/coro_jobsConfigVersion.cmake.in >$(DESTDIR)$(PREFIX)/share/cmake/coro_jobs/coro_jobsConfigVersion.cmake
+uninstall:
+	rm -f $(addprefix $(DESTDIR)$(PREFIX)/,$(INSTALLED))
+	rmdir $(DESTDIR)$(PREFIX)/include/coro_jobs/hosts $(DESTDIR)$(PREFIX)/include/coro_jobs \
+	  $(DESTDIR)$(PREFIX)/share/cmake/coro_jobs 2>/dev/null || true
+
+# --- end packaging ---
+
 # `make -j2 ci-build`: every program CI runs, compiled in parallel (the runs stay serial, in
 # .ci/run). Each line is one configuration; make's job server shares the -j slots among them.
 CI_BUILDS := ci-gcc ci-clang ci-asan ci-tsan ci-asan-clang ci-tsan-clang ci-bench

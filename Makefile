@@ -115,7 +115,7 @@ $(BENCH)/w6_asio.o: bench/w6_asio.cpp | $(BENCH) bench-deps
 	$(CXX) $(REQUIRED) -Wall -Wextra -Werror $(BENCH_OPT) $(BENCH_ASIO) -c bench/w6_asio.cpp -o $@
 # --- end bench ---
 
-# --- packaging (issue 14): install, uninstall ---
+# --- packaging (issue 14): install, uninstall, versions ---
 # `make install PREFIX=...` (default /usr/local; DESTDIR honoured): the header (and hosts/*.hpp)
 # in PREFIX/include/coro_jobs/, coro_jobs.pc in PREFIX/share/pkgconfig/, the CMake package in
 # PREFIX/share/cmake/coro_jobs/ (the same files as CMake's install(), from packaging/).
@@ -128,7 +128,7 @@ INSTALLED := include/coro_jobs/coro_jobs.hpp $(addprefix include/coro_jobs/,$(HO
   share/pkgconfig/coro_jobs.pc share/cmake/coro_jobs/coro_jobsConfig.cmake \
   share/cmake/coro_jobs/coro_jobsConfigVersion.cmake
 FILL = sed -e 's|@CORO_JOBS_PREFIX@|$(PREFIX)|g' -e 's|@CORO_JOBS_VERSION@|$(VERSION)|g'
-.PHONY: install uninstall
+.PHONY: install uninstall check-version
 install:
 	install -d $(DESTDIR)$(PREFIX)/include/coro_jobs $(DESTDIR)$(PREFIX)/share/pkgconfig \
 	  $(DESTDIR)$(PREFIX)/share/cmake/coro_jobs $(if $(HOST_HEADERS),$(DESTDIR)$(PREFIX)/include/coro_jobs/hosts)
@@ -141,6 +141,14 @@ uninstall:
 	rm -f $(addprefix $(DESTDIR)$(PREFIX)/,$(INSTALLED))
 	rmdir $(DESTDIR)$(PREFIX)/include/coro_jobs/hosts $(DESTDIR)$(PREFIX)/include/coro_jobs \
 	  $(DESTDIR)$(PREFIX)/share/cmake/coro_jobs 2>/dev/null || true
+
+# The header's CORO_JOBS_VERSION_* must equal CHANGELOG.md's newest release and CMake's version.
+check-version:
+	@c=$$(sed -n 's/^## \[\([0-9][0-9.]*\)\].*/\1/p' CHANGELOG.md | head -n 1); \
+	m=$$(sed -n 's/^project(coro_jobs VERSION \([0-9.]*\).*/\1/p' CMakeLists.txt); \
+	if [ -n "$(VERSION)" ] && [ "$(VERSION)" = "$$c" ] && [ "$(VERSION)" = "$$m" ]; then \
+	  echo "check-version: $(VERSION) in coro_jobs.hpp, CHANGELOG.md and CMakeLists.txt"; \
+	else echo "check-version: coro_jobs.hpp '$(VERSION)', CHANGELOG.md '$$c', CMakeLists.txt '$$m'"; exit 1; fi
 
 # --- end packaging ---
 

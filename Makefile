@@ -115,7 +115,7 @@ $(BENCH)/w6_asio.o: bench/w6_asio.cpp | $(BENCH) bench-deps
 	$(CXX) $(REQUIRED) -Wall -Wextra -Werror $(BENCH_OPT) $(BENCH_ASIO) -c bench/w6_asio.cpp -o $@
 # --- end bench ---
 
-# --- packaging (issue 14): install, uninstall, versions ---
+# --- packaging (issue 14): install, uninstall, versions, lint ---
 # `make install PREFIX=...` (default /usr/local; DESTDIR honoured): the header (and hosts/*.hpp)
 # in PREFIX/include/coro_jobs/, coro_jobs.pc in PREFIX/share/pkgconfig/, the CMake package in
 # PREFIX/share/cmake/coro_jobs/ (the same files as CMake's install(), from packaging/).
@@ -128,7 +128,7 @@ INSTALLED := include/coro_jobs/coro_jobs.hpp $(addprefix include/coro_jobs/,$(HO
   share/pkgconfig/coro_jobs.pc share/cmake/coro_jobs/coro_jobsConfig.cmake \
   share/cmake/coro_jobs/coro_jobsConfigVersion.cmake
 FILL = sed -e 's|@CORO_JOBS_PREFIX@|$(PREFIX)|g' -e 's|@CORO_JOBS_VERSION@|$(VERSION)|g'
-.PHONY: install uninstall check-version
+.PHONY: install uninstall check-version tidy
 install:
 	install -d $(DESTDIR)$(PREFIX)/include/coro_jobs $(DESTDIR)$(PREFIX)/share/pkgconfig \
 	  $(DESTDIR)$(PREFIX)/share/cmake/coro_jobs $(if $(HOST_HEADERS),$(DESTDIR)$(PREFIX)/include/coro_jobs/hosts)
@@ -149,6 +149,12 @@ check-version:
 	if [ -n "$(VERSION)" ] && [ "$(VERSION)" = "$$c" ] && [ "$(VERSION)" = "$$m" ]; then \
 	  echo "check-version: $(VERSION) in coro_jobs.hpp, CHANGELOG.md and CMakeLists.txt"; \
 	else echo "check-version: coro_jobs.hpp '$(VERSION)', CHANGELOG.md '$$c', CMakeLists.txt '$$m'"; exit 1; fi
+
+# `make tidy`: clang-tidy with .clang-tidy's checks on the header, through tests/tidy.cpp.
+CLANG_TIDY ?= clang-tidy
+tidy:
+	@command -v $(CLANG_TIDY) >/dev/null 2>&1 || sh tools/need clang-tidy
+	$(CLANG_TIDY) --quiet tests/tidy.cpp -- $(REQUIRED)
 
 # --- end packaging ---
 

@@ -115,7 +115,7 @@ $(BENCH)/w6_asio.o: bench/w6_asio.cpp | $(BENCH) bench-deps
 	$(CXX) $(REQUIRED) -Wall -Wextra -Werror $(BENCH_OPT) $(BENCH_ASIO) -c bench/w6_asio.cpp -o $@
 # --- end bench ---
 
-# --- packaging (issue 14): install, uninstall, versions, lint ---
+# --- packaging (issue 14): install, uninstall, versions, lint, the compiler matrix ---
 # `make install PREFIX=...` (default /usr/local; DESTDIR honoured): the header (and hosts/*.hpp)
 # in PREFIX/include/coro_jobs/, coro_jobs.pc in PREFIX/share/pkgconfig/, the CMake package in
 # PREFIX/share/cmake/coro_jobs/ (the same files as CMake's install(), from packaging/).
@@ -156,11 +156,30 @@ tidy:
 	@command -v $(CLANG_TIDY) >/dev/null 2>&1 || sh tools/need clang-tidy
 	$(CLANG_TIDY) --quiet tests/tidy.cpp -- $(REQUIRED)
 
+# The compiler matrix: `make test` with each (g++ 12 and clang 14 are `make test` and
+# test-clang14); clang 15 builds with -fno-rtti, clang 16 at C++23 (clang 16 spells it c++2b),
+# g++ once more at -O0. The ci-* targets below build the same folders.
+MATRIX_CLANG14 = BUILD=build-clang CXX=clang++
+MATRIX_CLANG15 = BUILD=build-clang15 CXX=clang++-15 CXXFLAGS="-O2 -g -fno-rtti"
+MATRIX_CLANG16 = BUILD=build-clang16 CXX=clang++-16 CXXFLAGS="-O2 -g -std=c++2b"
+MATRIX_GCC_O0  = BUILD=build-gcc-O0 CXX=g++ CXXFLAGS="-O0 -g"
+.PHONY: test-clang14 test-clang15 test-clang16 test-gcc-O0 test-matrix
+test-clang14:
+	$(MAKE) test $(MATRIX_CLANG14)
+test-clang15:
+	$(MAKE) test $(MATRIX_CLANG15)
+test-clang16:
+	$(MAKE) test $(MATRIX_CLANG16)
+test-gcc-O0:
+	$(MAKE) test $(MATRIX_GCC_O0)
+test-matrix: test test-clang14 test-clang15 test-clang16 test-gcc-O0
+
 # --- end packaging ---
 
 # `make -j2 ci-build`: every program CI runs, compiled in parallel (the runs stay serial, in
 # .ci/run). Each line is one configuration; make's job server shares the -j slots among them.
-CI_BUILDS := ci-gcc ci-clang ci-asan ci-tsan ci-asan-clang ci-tsan-clang ci-bench
+CI_BUILDS := ci-gcc ci-clang ci-asan ci-tsan ci-asan-clang ci-tsan-clang ci-bench \
+  ci-clang15 ci-clang16 ci-gcc-O0
 .PHONY: ci-build $(CI_BUILDS)
 ci-build: $(CI_BUILDS)
 ci-gcc:
@@ -178,6 +197,12 @@ ci-tsan-clang:
 	$(MAKE) build-tsan-clang/test CXX=clang++ BUILD=build-tsan-clang CXXFLAGS="$(TSAN_FLAGS)"
 ci-bench:
 	$(MAKE) bench-build
+ci-clang15:
+	$(MAKE) all $(MATRIX_CLANG15)
+ci-clang16:
+	$(MAKE) all $(MATRIX_CLANG16)
+ci-gcc-O0:
+	$(MAKE) build-gcc-O0/test $(MATRIX_GCC_O0)
 
 # doctest comes from the system (Debian: doctest-dev). Install it if we can, else say how.
 deps:

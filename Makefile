@@ -143,9 +143,71 @@ $(BUILD)/test-glib: hosts/test_glib.cpp hosts/test_common.hpp hosts/coro_jobs_gl
 	$(CXX) $(REQUIRED) $(WARN) $(CXXFLAGS) $(GLIB_FLAGS) hosts/test_glib.cpp -o $@ $(GLIB_LIBS)
 # --- end hosts ---
 
+# --- packaging (issue 14): install, uninstall, versions, lint, the compiler matrix ---
+# `make install PREFIX=...` (default /usr/local; DESTDIR honoured): the header (and hosts/*.hpp)
+# in PREFIX/include/coro_jobs/, coro_jobs.pc in PREFIX/share/pkgconfig/, the CMake package in
+# PREFIX/share/cmake/coro_jobs/ (the same files as CMake's install(), from packaging/).
+# `make uninstall` with the same PREFIX and DESTDIR removes exactly those.
+PREFIX  ?= /usr/local
+DESTDIR ?=
+VERSION := $(shell awk '/^\#define CORO_JOBS_VERSION_(MAJOR|MINOR|PATCH) /{v = v s $$3; s = "."} END {print v}' coro_jobs.hpp)
+HOST_HEADERS := $(wildcard hosts/*.hpp)
+INSTALLED := include/coro_jobs/coro_jobs.hpp $(addprefix include/coro_jobs/,$(HOST_HEADERS)) \
+  share/pkgconfig/coro_jobs.pc share/cmake/coro_jobs/coro_jobsConfig.cmake \
+  share/cmake/coro_jobs/coro_jobsConfigVersion.cmake
+FILL = sed -e 's|@CORO_JOBS_PREFIX@|$(PREFIX)|g' -e 's|@CORO_JOBS_VERSION@|$(VERSION)|g'
+.PHONY: install uninstall check-version tidy
+install:
+	install -d $(DESTDIR)$(PREFIX)/include/coro_jobs $(DESTDIR)$(PREFIX)/share/pkgconfig \
+	  $(DESTDIR)$(PREFIX)/share/cmake/coro_jobs $(if $(HOST_HEADERS),$(DESTDIR)$(PREFIX)/include/coro_jobs/hosts)
+	install -m 644 coro_jobs.hpp $(DESTDIR)$(PREFIX)/include/coro_jobs/
+	$(if $(HOST_HEADERS),install -m 644 $(HOST_HEADERS) $(DESTDIR)$(PREFIX)/include/coro_jobs/hosts/)
+	$(FILL) packaging/coro_jobs.pc.in >$(DESTDIR)$(PREFIX)/share/pkgconfig/coro_jobs.pc
+	install -m 644 packaging/coro_jobsConfig.cmake $(DESTDIR)$(PREFIX)/share/cmake/coro_jobs/
+	$(FILL) packaging/coro_jobsConfigVersion.cmake.in >$(DESTDIR)$(PREFIX)/share/cmake/coro_jobs/coro_jobsConfigVersion.cmake
+uninstall:
+	rm -f $(addprefix $(DESTDIR)$(PREFIX)/,$(INSTALLED))
+	rmdir $(DESTDIR)$(PREFIX)/include/coro_jobs/hosts $(DESTDIR)$(PREFIX)/include/coro_jobs \
+	  $(DESTDIR)$(PREFIX)/share/cmake/coro_jobs 2>/dev/null || true
+
+# The header's CORO_JOBS_VERSION_* must equal CHANGELOG.md's newest release and CMake's version.
+check-version:
+	@c=$$(sed -n 's/^## \[\([0-9][0-9.]*\)\].*/\1/p' CHANGELOG.md | head -n 1); \
+	m=$$(sed -n 's/^project(coro_jobs VERSION \([0-9.]*\).*/\1/p' CMakeLists.txt); \
+	if [ -n "$(VERSION)" ] && [ "$(VERSION)" = "$$c" ] && [ "$(VERSION)" = "$$m" ]; then \
+	  echo "check-version: $(VERSION) in coro_jobs.hpp, CHANGELOG.md and CMakeLists.txt"; \
+	else echo "check-version: coro_jobs.hpp '$(VERSION)', CHANGELOG.md '$$c', CMakeLists.txt '$$m'"; exit 1; fi
+
+# `make tidy`: clang-tidy with .clang-tidy's checks on the header, through tests/tidy.cpp.
+CLANG_TIDY ?= clang-tidy
+tidy:
+	@command -v $(CLANG_TIDY) >/dev/null 2>&1 || sh tools/need clang-tidy
+	$(CLANG_TIDY) --quiet tests/tidy.cpp -- $(REQUIRED)
+
+# The compiler matrix: `make test` with each (g++ 12 and clang 14 are `make test` and
+# test-clang14); clang 15 builds with -fno-rtti, clang 16 at C++23 (clang 16 spells it c++2b),
+# g++ once more at -O0. The ci-* targets below build the same folders.
+MATRIX_CLANG14 = BUILD=build-clang CXX=clang++
+MATRIX_CLANG15 = BUILD=build-clang15 CXX=clang++-15 CXXFLAGS="-O2 -g -fno-rtti"
+MATRIX_CLANG16 = BUILD=build-clang16 CXX=clang++-16 CXXFLAGS="-O2 -g -std=c++2b"
+MATRIX_GCC_O0  = BUILD=build-gcc-O0 CXX=g++ CXXFLAGS="-O0 -g"
+.PHONY: test-clang14 test-clang15 test-clang16 test-gcc-O0 test-matrix
+test-clang14:
+	$(MAKE) test $(MATRIX_CLANG14)
+test-clang15:
+	$(MAKE) test $(MATRIX_CLANG15)
+test-clang16:
+	$(MAKE) test $(MATRIX_CLANG16)
+test-gcc-O0:
+	$(MAKE) test $(MATRIX_GCC_O0)
+test-matrix: test test-clang14 test-clang15 test-clang16 test-gcc-O0
+
+# --- end packaging ---
+
 # `make -j2 ci-build`: every program CI runs, compiled in parallel (the runs stay serial, in
 # .ci/run). Each line is one configuration; make's job server shares the -j slots among them.
-CI_BUILDS := ci-gcc ci-clang ci-asan ci-tsan ci-asan-clang ci-tsan-clang ci-bench ci-hosts
+CI_BUILDS := ci-gcc ci-clang ci-asan ci-tsan ci-asan-clang ci-tsan-clang ci-bench \
+  ci-clang15 ci-clang16 ci-gcc-O0 ci-hosts
 .PHONY: ci-build $(CI_BUILDS)
 ci-build: $(CI_BUILDS)
 ci-gcc:
@@ -167,6 +229,12 @@ ci-hosts:
 	$(MAKE) $(HOST_TESTS) CXX=g++
 	$(MAKE) $(subst $(BUILD)/,build-asan/,$(HOST_TESTS)) CXX=g++ $(ASAN_VARS)
 	$(MAKE) $(subst $(BUILD)/,build-tsan/,$(HOST_TESTS)) CXX=g++ $(TSAN_VARS)
+ci-clang15:
+	$(MAKE) all $(MATRIX_CLANG15)
+ci-clang16:
+	$(MAKE) all $(MATRIX_CLANG16)
+ci-gcc-O0:
+	$(MAKE) build-gcc-O0/test $(MATRIX_GCC_O0)
 
 # doctest comes from the system (Debian: doctest-dev). Install it if we can, else say how.
 deps:

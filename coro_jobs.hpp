@@ -1,4 +1,4 @@
-// coro_jobs.hpp - asynchronous jobs as sequential-looking C++20 coroutines. v0.1, MIT license.
+// coro_jobs.hpp - asynchronous jobs as sequential-looking C++20 coroutines. v0.2, MIT license.
 //
 // A port of the recipe "Run asynchronous tasks using coroutines" (Arnau Sanchez, 2010):
 // instead of scattering a long operation over callbacks, write it as a job that co_awaits
@@ -150,6 +150,9 @@
 
 #ifndef CORO_JOBS_HPP
 #define CORO_JOBS_HPP
+#define CORO_JOBS_VERSION_MAJOR 0
+#define CORO_JOBS_VERSION_MINOR 2
+#define CORO_JOBS_VERSION_PATCH 0
 
 #include <algorithm>
 #include <array>

@@ -11,6 +11,7 @@
 #include <QTimer>
 
 #include <functional>
+#include <thread>
 
 namespace {
 
@@ -47,6 +48,53 @@ struct host {
 
 #define HOST_NAME "qt adapter"
 #include "hosts/test_common.hpp"
+
+// Beyond the shared cases: what this adapter does that the others need not.
+namespace {
+
+job<> nested_qt_loop(event_loop& loop, bool& posted, bool& posted_inside, long& cpu) {
+  co_await sleep_task(1ms);
+  std::thread t([&loop, &posted] { loop.post([&posted] { posted = true; }); });
+  t.join();  // the inbox pipe is readable for all of the nested loop
+  const long cpu0 = cpu_us();
+  QEventLoop nested;
+  QTimer::singleShot(100ms, &nested, &QEventLoop::quit);
+  nested.exec();
+  cpu = cpu_us() - cpu0;
+  posted_inside = posted;
+}
+
+}  // namespace
+
+TEST_SUITE(HOST_NAME) {
+
+TEST_CASE("a job step that runs a nested QEventLoop holds the loop, and the nested loop does not spin") {
+  event_loop loop;
+  host h;
+  h.attach(loop);
+  bool posted = false, posted_inside = true;
+  long cpu = -1;
+  auto j = start_job(loop, nested_qt_loop(loop, posted, posted_inside, cpu));
+  REQUIRE(h.run_until([&] { return j.done() && posted; }, deadline));
+  CHECK_FALSE(posted_inside);  // no run_once inside run_once: the post waited for the step
+  MESSAGE("CPU in a 100 ms nested loop with the pipe readable: ", cpu, " us");
+  CHECK(cpu < 50000);  // the notifiers were off, else they would fire all along
+}
+
+TEST_CASE("destroying the attachment from inside a job step detaches when the step ends") {
+  event_loop loop;
+  host h;
+  h.attach(loop);
+  auto j = start_job(loop, [](host& h) -> job<> {
+    co_await sleep_task(1ms);
+    h.detach();
+  }(h));
+  REQUIRE(h.run_until([&] { return j.done(); }, deadline));
+  CHECK_FALSE(h.attachment);
+  loop.run();  // detached: the loop's own run() works again
+}
+
+}  // TEST_SUITE
 
 int main(int argc, char** argv) {
   QCoreApplication app(argc, argv);  // once for the binary; every case runs on its thread

@@ -124,9 +124,11 @@ $(BENCH)/w6_asio.o: bench/w6_asio.cpp | $(BENCH) bench-deps
 # --- hosts (issue 12): the adapters in hosts/, each tested under its real toolkit ---
 # `make test-hosts`: builds and runs hosts/test_*.cpp (installing the toolkits' Debian packages
 # if they are missing). `make test` does not need them.
-HOST_TESTS := $(BUILD)/test-guest $(BUILD)/test-glib
+HOST_TESTS := $(BUILD)/test-guest $(BUILD)/test-glib $(BUILD)/test-qt
 GLIB_FLAGS  = $$(pkg-config --cflags glib-2.0)
 GLIB_LIBS   = $$(pkg-config --libs glib-2.0)
+QT_FLAGS    = -fPIC $$(pkg-config --cflags Qt6Core)
+QT_LIBS     = $$(pkg-config --libs Qt6Core)
 .PHONY: test-hosts test-hosts-asan test-hosts-tsan host-deps
 test-hosts-asan:
 	$(MAKE) test-hosts $(ASAN_VARS)
@@ -137,10 +139,13 @@ test-hosts: $(HOST_TESTS)
 host-deps: deps
 	@command -v pkg-config >/dev/null 2>&1 || sh tools/need pkg-config
 	@pkg-config --exists glib-2.0 || sh tools/need libglib2.0-dev
+	@pkg-config --exists Qt6Core || sh tools/need qt6-base-dev
 $(BUILD)/test-guest: hosts/test_guest.cpp hosts/test_common.hpp hosts/coro_jobs_guest.hpp coro_jobs.hpp | $(BUILD) host-deps
 	$(CXX) $(REQUIRED) $(WARN) $(CXXFLAGS) hosts/test_guest.cpp -o $@
 $(BUILD)/test-glib: hosts/test_glib.cpp hosts/test_common.hpp hosts/coro_jobs_glib.hpp coro_jobs.hpp | $(BUILD) host-deps
 	$(CXX) $(REQUIRED) $(WARN) $(CXXFLAGS) $(GLIB_FLAGS) hosts/test_glib.cpp -o $@ $(GLIB_LIBS)
+$(BUILD)/test-qt: hosts/test_qt.cpp hosts/test_common.hpp hosts/coro_jobs_qt.hpp coro_jobs.hpp | $(BUILD) host-deps
+	$(CXX) $(REQUIRED) $(WARN) $(CXXFLAGS) $(QT_FLAGS) hosts/test_qt.cpp -o $@ $(QT_LIBS)
 # --- end hosts ---
 
 # --- packaging (issue 14): install, uninstall, versions, lint, the compiler matrix ---

@@ -700,7 +700,7 @@ TEST_CASE("the loop makes one blocking wait and uses no measurable CPU while a j
 // The loop and a worker spin for a few microseconds around a thread function (see
 // spin_until in the header); they must go to sleep after it.
 TEST_CASE("after a thread function, the loop and its workers use no measurable CPU while a job sleeps") {
-  event_loop loop(2);
+  event_loop loop(loop_options{.worker_threads = 2});
   auto process_cpu = [] {
     rusage ru{};
     getrusage(RUSAGE_SELF, &ru);
@@ -872,7 +872,7 @@ TEST_CASE("threaded_task passes a stop_token that cancel() requests, and drops t
 }
 
 TEST_CASE("threaded_task uses at most the configured number of worker threads") {
-  event_loop loop(2);
+  event_loop loop(loop_options{.worker_threads = 2});
   std::atomic<int> running{0}, peak{0};
   std::mutex m;
   std::set<std::thread::id> threads;
@@ -900,7 +900,7 @@ TEST_CASE("threaded_task uses at most the configured number of worker threads") 
 // Submitted functions wait for the loop's kick at the end of the iteration: it must wake
 // every idle worker that has work, or these rendezvous would time out.
 TEST_CASE("thread functions submitted in one iteration run side by side on idle workers") {
-  event_loop loop(2);
+  event_loop loop(loop_options{.worker_threads = 2});
   for (int round = 0; round < 3; ++round) {  // round 0 starts the threads; later rounds wake them
     std::atomic<int> arrived{0};
     auto meet = [&arrived] {
@@ -920,7 +920,7 @@ TEST_CASE("thread functions submitted in one iteration run side by side on idle 
 // Workers are woken at the end of the iteration; an error handler that throws ends the
 // iteration early, and must not leave what the iteration submitted waiting for another run().
 TEST_CASE("a thread function submitted before the error handler throws starts without another run()") {
-  event_loop loop(1);
+  event_loop loop(loop_options{.worker_threads = 1});
   start_job(loop, []() -> job<> {  // starts the worker, which then goes idle (its spin is 50 us)
     co_await threaded_task([] {});
     co_await sleep_task(20ms);
@@ -2705,7 +2705,7 @@ TEST_CASE("a cancel that arrives during a shielded wait does not stop it") {
 }
 
 TEST_CASE("shielded(with_timeout(d, a)) bounds the cleanup by the timeout") {
-  event_loop loop(loop_options{0, true});
+  event_loop loop(manual());
   int saves = 0;
   bool timed_out = false;
   auto h = start_job(loop, [&]() -> job<> {
@@ -2816,7 +2816,7 @@ TEST_CASE("the usable CPU count follows the thread's affinity mask, not the mach
 }
 
 TEST_CASE("cancel() of a job whose thread function is still queued withdraws it: it never runs") {
-  event_loop loop(1);
+  event_loop loop(loop_options{.worker_threads = 1});
   std::atomic<bool> a_started{false}, release{false}, b_ran{false};
   bool b_waiting = false;
   start_job(loop, [&]() -> job<> {

@@ -12,7 +12,11 @@ all: $(BUILD)/demo $(BUILD)/test
 run: $(BUILD)/demo
 	./$(BUILD)/demo
 
-test: $(BUILD)/test nodiscard
+# Builds in parallel even when typed as plain `make test` (JOBS compiles at once; under
+# `make -jN` the sub-make shares the caller's job slots instead).
+JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+test:
+	@$(MAKE) --no-print-directory $(if $(findstring jobserver,$(MAKEFLAGS)),,-j$(JOBS)) $(BUILD)/test nodiscard
 	./$(BUILD)/test
 
 # Every task type is [[nodiscard]]: a forgotten co_await must not compile (tests/nodiscard.cpp).
@@ -29,8 +33,15 @@ $(BUILD):
 $(BUILD)/demo: demo.cpp coro_jobs.hpp | $(BUILD)
 	$(CXX) $(REQUIRED) $(WARN) $(CXXFLAGS) demo.cpp -o $@
 
-$(BUILD)/test: test.cpp coro_jobs.hpp | $(BUILD) deps
-	$(CXX) $(REQUIRED) $(WARN) $(CXXFLAGS) test.cpp -o $@
+# The suite: test.cpp (doctest's main and the replacement operator new) and test/*.cpp (the
+# cases, in the manual's order), one object each, so that they compile in parallel.
+TEST_SRC := test.cpp $(wildcard test/*.cpp)
+TEST_OBJ := $(TEST_SRC:%.cpp=$(BUILD)/test-obj/%.o)
+$(BUILD)/test: $(TEST_OBJ) | $(BUILD)
+	$(CXX) $(REQUIRED) $(CXXFLAGS) $^ -o $@
+$(BUILD)/test-obj/%.o: %.cpp test/helpers.hpp coro_jobs.hpp | deps
+	@mkdir -p $(dir $@)
+	$(CXX) $(REQUIRED) $(WARN) $(CXXFLAGS) -c $< -o $@
 
 # Sanitizer variants are the same targets re-run with other flags, in folders of their own.
 # clang 14's -fsanitize=function (part of "undefined") cannot emit coroutine frames ("Cannot

@@ -1,0 +1,674 @@
+// test/3-errors-and-cancellation.cpp - Where errors go, and what a cancel does.
+// Part of the specification, in the manual's order (the list is in test.cpp).
+#include "helpers.hpp"
+
+TEST_SUITE("errors") {
+
+TEST_CASE("an error of a job without handles reaches the error handler exactly once, with its name") {
+  event_loop loop;
+  error_log errors(loop);
+  start_job(loop, fails_with("lost?"), "downloader");
+  drain(loop);
+  REQUIRE(errors.names.size() == 1);
+  CHECK(errors.names[0] == "downloader");
+  CHECK(errors.whats[0] == "lost?");
+}
+
+TEST_CASE("an error retrieved with result() never reaches the error handler") {
+  event_loop loop;
+  error_log errors(loop);
+  {
+    auto h = start_job(loop, fails_with("mine"));
+    drain(loop);
+    CHECK_THROWS_WITH_AS(h.result(), "mine", std::runtime_error);
+  }
+  drain(loop);
+  CHECK(errors.names.empty());
+}
+
+TEST_CASE("an error nobody retrieved reaches the handler when the last handle is dropped") {
+  event_loop loop;
+  error_log errors(loop);
+  auto h = start_job(loop, fails_with("late"));
+  auto copy = h;
+  drain(loop);
+  CHECK(errors.names.empty());  // still retrievable
+  h = {};
+  drain(loop);
+  CHECK(errors.names.empty());  // a copy is left
+  copy = {};
+  drain(loop);
+  REQUIRE(errors.whats.size() == 1);
+  CHECK(errors.whats[0] == "late");
+}
+
+TEST_CASE("an error reaches the job that awaits its handle, not the error handler") {
+  event_loop loop;
+  error_log errors(loop);
+  std::string caught;
+  {
+    auto failing = start_job(loop, fails_with("awaited"));
+    start_job(loop, [&, failing]() -> job<> {
+      try {
+        co_await failing;
+      } catch (const std::runtime_error& e) {
+        caught = e.what();
+      }
+    });
+  }
+  drain(loop);
+  CHECK(caught == "awaited");
+  CHECK(errors.names.empty());
+}
+
+TEST_CASE("a cancelled job is not reported as an error") {
+  event_loop loop;
+  error_log errors(loop);
+  start_job(loop, []() -> job<> { co_await sleep_task(1h); }).cancel();
+  drain(loop);
+  CHECK(errors.names.empty());
+}
+
+TEST_CASE("exceptions from post, call_later and watch callbacks reach the error handler and the loop goes on") {
+  event_loop loop;
+  error_log errors(loop);
+  pipe_fds p;
+  loop.post([] { throw std::runtime_error("p"); });
+  loop.call_later(1ms, [] { throw std::runtime_error("t"); });
+  callback_handle w;
+  w = loop.watch(p.w, POLLOUT, [&](short) {
+    w.cancel();
+    throw std::runtime_error("w");
+  });
+  bool after = false;
+  loop.call_later(5ms, [&] { after = true; });
+  drain(loop);
+  CHECK(after);
+  CHECK(errors.names == std::vector<std::string>{"post", "watch", "call_later"});
+  CHECK(errors.whats == std::vector<std::string>{"p", "w", "t"});
+}
+
+TEST_CASE("the default error handler prints the job's name and what() to stderr") {
+  event_loop loop;
+  fflush(stderr);
+  const int saved = ::dup(2);
+  char path[] = "/tmp/coro_jobs_stderrXXXXXX";
+  const int fd = ::mkstemp(path);
+  REQUIRE(fd >= 0);
+  ::dup2(fd, 2);
+  start_job(loop, fails_with("visible"), "printer");
+  drain(loop);
+  fflush(stderr);
+  ::dup2(saved, 2);
+  ::close(saved);
+  ::close(fd);
+  std::ifstream f(path);
+  std::string text((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  ::unlink(path);
+  CHECK(text.find("printer") != std::string::npos);
+  CHECK(text.find("visible") != std::string::npos);
+}
+
+TEST_CASE("an exception thrown by the error handler leaves run(), and the loop can go on") {
+  event_loop loop;
+  loop.set_error_handler([](std::string_view, std::exception_ptr e) { std::rethrow_exception(e); });
+  bool later = false;
+  start_job(loop, fails_with("fatal"));
+  loop.call_later(5ms, [&] { later = true; });
+  CHECK_THROWS_WITH_AS(loop.run(), "fatal", std::runtime_error);
+  loop.run();
+  CHECK(later);
+}
+
+TEST_CASE("an error handler that replaces itself keeps its captures until it returns") {
+  event_loop loop;
+  auto text = std::make_shared<std::string>("a capture that must stay alive");
+  std::string seen;
+  loop.set_error_handler([&loop, &seen, text](std::string_view, std::exception_ptr) {
+    loop.set_error_handler([](std::string_view, std::exception_ptr) {});
+    seen = *text;  // freed here if the running handler was destroyed
+  });
+  text.reset();
+  start_job(loop, fails_with("x"));
+  drain(loop);
+  CHECK(seen == "a capture that must stay alive");
+}
+
+}  // TEST_SUITE("errors")
+
+TEST_SUITE("cancellation") {
+
+TEST_CASE("cancel() of a sleeping job removes its timer and throws job_cancelled at its co_await") {
+  event_loop loop;
+  live::count = 0;
+  std::vector<std::string> events;
+  auto h = start_job(loop, [&]() -> job<> {
+    live guard;
+    try {
+      co_await sleep_task(1h);
+    } catch (const job_cancelled&) {
+      events.push_back("cancelled at the co_await");
+      throw;
+    }
+  });
+  loop.run_once();
+  CHECK(loop.stats().timers == 1);
+  CHECK(h.cancel());
+  CHECK(loop.stats().timers == 0);
+  CHECK_FALSE(h.done());  // resumes on a later iteration
+  drain(loop);
+  CHECK(events == std::vector<std::string>{"cancelled at the co_await"});
+  CHECK(live::count == 0);
+  CHECK_THROWS_AS(h.result(), job_cancelled);
+  CHECK_FALSE(h.cancel());  // already ended
+}
+
+TEST_CASE("cancel() of a job waiting on an fd removes the fd wait") {
+  event_loop loop;
+  pipe_fds p;
+  auto h = start_job(loop, [&]() -> job<> { co_await wait_readable(p.r); });
+  loop.run_once();
+  CHECK(loop.stats().fd_waits == 1);
+  h.cancel();
+  CHECK(loop.stats().fd_waits == 0);
+  drain(loop);
+  CHECK_THROWS_AS(h.result(), job_cancelled);
+}
+
+TEST_CASE("cancel() of a job waiting on a callback task calls the canceller and makes task_return a no-op") {
+  event_loop loop;
+  error_log errors(loop);
+  std::optional<task_return<int>> keep;
+  bool cancelled = false;
+  auto h = start_job(loop, [&]() -> job<int> {
+    co_return co_await callback_task<int>([&](task_return<int> done) {
+      keep = done;
+      return [&] { cancelled = true; };
+    });
+  });
+  loop.run_once();
+  CHECK(loop.stats().outstanding == 1);
+  h.cancel();
+  CHECK(cancelled);
+  CHECK(loop.stats().outstanding == 0);
+  drain(loop);
+  (*keep)(5);  // too late: ignored
+  drain(loop);
+  CHECK_THROWS_AS(h.result(), job_cancelled);
+  CHECK(errors.names.empty());
+}
+
+TEST_CASE("cancel() of a job whose thread function is still queued withdraws it: it never runs") {
+  event_loop loop(loop_options{.worker_threads = 1});
+  std::atomic<bool> a_started{false}, release{false}, b_ran{false};
+  bool b_waiting = false;
+  start_job(loop, [&]() -> job<> {
+    co_await threaded_task([&] {
+      a_started = true;
+      loop.post([] {});  // wakes run_until, which waits in the loop
+      while (!release) std::this_thread::yield();
+    });
+  });
+  REQUIRE(run_until(loop, [&] { return a_started.load(); }));
+  auto b = start_job(loop, [&]() -> job<> {
+    b_waiting = true;
+    co_await threaded_task([&] { b_ran = true; });
+  });
+  REQUIRE(run_until(loop, [&] { return b_waiting; }));
+  CHECK(loop.stats().outstanding == 2);
+  CHECK(b.cancel());
+  CHECK(loop.stats().outstanding == 1);  // run() does not wait for it
+  CHECK(run_until(loop, [&] { return b.done(); }));
+  CHECK_THROWS_AS(b.result(), job_cancelled);
+  release = true;
+  drain(loop);
+  CHECK_FALSE(b_ran.load());
+}
+
+TEST_CASE("a cancelled job resumes only after its running thread function has returned") {
+  event_loop loop;
+  std::atomic<bool> started{false}, returned{false};
+  bool returned_at_resume = false;
+  auto h = start_job(loop, [&]() -> job<> {
+    try {
+      co_await threaded_task([&](std::stop_token st) {
+        started = true;
+        loop.post([] {});  // wakes run_until, which waits in the loop
+        while (!st.stop_requested()) std::this_thread::yield();
+        std::this_thread::sleep_for(20ms);  // late on purpose: the job must still wait
+        returned = true;
+      });
+    } catch (...) {
+      returned_at_resume = returned.load();
+      throw;
+    }
+  });
+  REQUIRE(run_until(loop, [&] { return started.load(); }));
+  CHECK(h.cancel());
+  CHECK(run_until(loop, [&] { return h.done(); }));
+  CHECK(returned_at_resume);
+  CHECK_THROWS_AS(h.result(), job_cancelled);
+  CHECK(loop.stats().outstanding == 0);
+}
+
+TEST_CASE("every co_await after cancellation throws job_cancelled, each after a yield to the loop") {
+  event_loop loop;
+  error_log log(loop);
+  int thrown = 0;
+  pipe_fds p;
+  auto h = start_job(loop, [&]() -> job<> {
+    try {
+      co_await sleep_task(1h);
+    } catch (const job_cancelled&) {
+      ++thrown;
+    }
+    try { co_await sleep_task(0s); } catch (const job_cancelled&) { ++thrown; }
+    try { co_await threaded_task([] {}); } catch (const job_cancelled&) { ++thrown; }
+    try { co_await callback_task<>([](task_return<> r) { r(); }); } catch (const job_cancelled&) { ++thrown; }
+    try { co_await wait_readable(p.r); } catch (const job_cancelled&) { ++thrown; }
+    try { co_await value_of(1); } catch (const job_cancelled&) { ++thrown; }
+  }, "stubborn");
+  loop.run_once();
+  h.cancel();
+  const auto before = loop.stats().iterations;
+  drain(loop);
+  CHECK(thrown == 6);
+  CHECK(h.done());
+  CHECK(loop.stats().iterations - before >= 6);  // one iteration per later co_await at least
+  REQUIRE(log.names.size() == 1);                // it went on after job_cancelled: once
+  CHECK(log.names[0] == "stubborn");
+}
+
+TEST_CASE("cancelling a job cancels the child it is awaiting") {
+  event_loop loop;
+  std::vector<std::string> events;
+  auto child = [&]() -> job<> {
+    try {
+      co_await sleep_task(1h);
+    } catch (const job_cancelled&) {
+      events.push_back("child");
+      throw;
+    }
+  };
+  auto h = start_job(loop, [&]() -> job<> {
+    try {
+      co_await child();
+    } catch (const job_cancelled&) {
+      events.push_back("parent");
+      throw;
+    }
+  });
+  loop.run_once();
+  h.cancel();
+  drain(loop);
+  CHECK(events == std::vector<std::string>{"child", "parent"});
+}
+
+TEST_CASE("cancelling a job that awaits a handle leaves the awaited job running") {
+  event_loop loop;
+  auto target = start_job(loop, []() -> job<int> {
+    co_await sleep_task(10ms);
+    co_return 3;
+  });
+  auto waiter = start_job(loop, [target]() -> job<int> { co_return co_await target; });
+  loop.run_once();
+  waiter.cancel();
+  drain(loop);
+  CHECK_THROWS_AS(waiter.result(), job_cancelled);
+  CHECK(target.result() == 3);
+}
+
+// A function still queued when the time runs out is withdrawn and never runs, so each case
+// is tried until its function has run three times; each time it must have returned first.
+template <class Body>
+int runs_that_started(Body body) {
+  int ran = 0;
+  for (int attempt = 0; attempt < 100 && ran < 3; ++attempt) {
+    event_loop loop;
+    std::atomic<bool> started{false}, returned{false};
+    bool went_on = false, returned_then = false;
+    auto work = [&](std::stop_token st) {
+      started = true;
+      while (!st.stop_requested()) std::this_thread::yield();
+      std::this_thread::sleep_for(10ms);  // late on purpose: the job must still wait
+      returned = true;
+    };
+    start_job(loop, [&]() -> job<> {
+      co_await body(work);
+      went_on = true;
+      returned_then = returned.load();
+    });
+    drain(loop);
+    REQUIRE(went_on);
+    if (started) {
+      ++ran;
+      CHECK(returned_then);
+    }
+  }
+  return ran;
+}
+
+TEST_CASE("the losers of when_any have returned from their thread functions before the job goes on") {
+  CHECK(runs_that_started([](auto& work) -> job<> {
+          co_await when_any(sleep_task(5ms), threaded_task(work));
+        }) == 3);
+}
+
+TEST_CASE("with_timeout goes on only after the timed-out thread function has returned") {
+  CHECK(runs_that_started([](auto& work) -> job<> {
+          try {
+            co_await with_timeout(5ms, threaded_task(work));
+          } catch (const timeout_error&) {
+          }
+        }) == 3);
+}
+
+TEST_CASE("cancelling a job before its body started ends it without running the body") {
+  event_loop loop;
+  bool ran = false;
+  live::count = 0;
+  auto h = start_job(loop, [&](live) -> job<> {
+    ran = true;
+    co_return;
+  }(live{}));
+  CHECK(live::count == 1);  // the parameter lives in the frame
+  CHECK(h.cancel());
+  drain(loop);
+  CHECK_FALSE(ran);
+  CHECK(live::count == 0);
+  CHECK_THROWS_AS(h.result(), job_cancelled);
+}
+
+TEST_CASE("a job may cancel itself; its next co_await throws job_cancelled") {
+  event_loop loop;
+  job_handle<> self;
+  bool after = false;
+  self = start_job(loop, [&]() -> job<> {
+    self.cancel();
+    co_await sleep_task(0s);
+    after = true;
+  });
+  drain(loop);
+  CHECK_FALSE(after);
+  CHECK_THROWS_AS(self.result(), job_cancelled);
+}
+
+TEST_CASE("a job that cancels itself in a child that then returns is not reported as going on") {
+  event_loop loop;
+  error_log log(loop);
+  job_handle<int> self;
+  auto child = [&]() -> job<int> {
+    self.cancel();  // no co_await follows in the child
+    co_return 1;
+  };
+  self = start_job(loop, [&]() -> job<int> { co_return co_await child(); });
+  drain(loop);
+  CHECK(self.result() == 1);
+  CHECK(log.names.empty());
+}
+
+static_assert(!std::is_base_of_v<std::exception, job_cancelled>);
+
+TEST_CASE("catch (const std::exception&) around a co_await does not catch job_cancelled") {
+  event_loop loop;
+  int caught = 0;
+  auto h = start_job(loop, [&]() -> job<> {
+    for (;;) {
+      try {
+        co_await sleep_task(100ms);
+      } catch (const std::exception&) {
+        ++caught;
+      }
+    }
+  });
+  loop.run_once();
+  h.cancel();
+  drain(loop);
+  CHECK(caught == 0);
+  CHECK_THROWS_AS(h.result(), job_cancelled);
+}
+
+TEST_CASE("a job that swallows every job_cancelled cannot freeze the loop, and is reported once by name") {
+  event_loop loop;
+  error_log log(loop);
+  long swallowed = 0;
+  auto h = start_job(loop, [&]() -> job<> {
+    for (;;) {
+      try {
+        co_await sleep_task(1h);
+      } catch (...) {
+        ++swallowed;
+      }
+    }
+  }, "save");
+  loop.run_once();
+  h.cancel();
+  bool fired = false;
+  loop.call_later(20ms, [&] { fired = true; });
+  CHECK(run_until(loop, [&] { return fired && swallowed > 10; }));
+  loop.post([&] { loop.quit(); });
+  loop.run();  // quit() is honoured although the job keeps going
+  REQUIRE(log.names.size() == 1);
+  CHECK(log.names[0] == "save");
+  CHECK(log.whats[0].find("job 'save' caught job_cancelled and went on") != std::string::npos);
+  CHECK_FALSE(h.done());
+}
+
+TEST_CASE("a job that catches job_cancelled and then ends normally is reported once") {
+  event_loop loop;
+  error_log log(loop);
+  auto h = start_job(loop, [&]() -> job<int> {
+    try {
+      co_await sleep_task(1h);
+    } catch (const job_cancelled&) {
+    }
+    co_return 7;
+  }, "quiet");
+  loop.run_once();
+  h.cancel();
+  drain(loop);
+  CHECK(h.result() == 7);
+  REQUIRE(log.names.size() == 1);
+  CHECK(log.names[0] == "quiet");
+}
+
+TEST_CASE("a job that rethrows job_cancelled from its catch block is not reported") {
+  event_loop loop;
+  error_log log(loop);
+  int cleaned = 0;
+  auto h = start_job(loop, [&]() -> job<> {
+    try {
+      co_await sleep_task(1h);
+    } catch (...) {
+      ++cleaned;
+      throw;
+    }
+  });
+  loop.run_once();
+  h.cancel();
+  drain(loop);
+  CHECK(cleaned == 1);
+  CHECK(log.names.empty());
+  CHECK_THROWS_AS(h.result(), job_cancelled);
+}
+
+TEST_CASE("a cancelled when_all, when_any or with_timeout is not reported as going on") {
+  event_loop loop;
+  error_log log(loop);
+  auto a = start_job(loop, []() -> job<> { co_await when_all(sleep_task(1h), sleep_task(2h)); });
+  auto b = start_job(loop, []() -> job<> { co_await when_any(sleep_task(1h), sleep_task(2h)); });
+  auto c = start_job(loop, []() -> job<> { co_await with_timeout(1h, sleep_task(2h)); });
+  loop.run_once();
+  loop.run_once();
+  a.cancel(), b.cancel(), c.cancel();
+  drain(loop);
+  CHECK(log.names.empty());
+  CHECK_THROWS_AS(a.result(), job_cancelled);
+  CHECK_THROWS_AS(c.result(), job_cancelled);
+}
+
+job<int> slow_save(int& saves, std::chrono::milliseconds d) {
+  co_await sleep_task(d);
+  co_return ++saves;
+}
+
+TEST_CASE("shielded runs its awaitable to the end in a cancelled job, and the next co_await throws") {
+  event_loop loop;
+  error_log log(loop);
+  int saves = 0, got = 0;
+  bool after = false;
+  auto h = start_job(loop, [&]() -> job<> {
+    bool cancelled = false;
+    try {
+      co_await sleep_task(1h);
+    } catch (const job_cancelled&) {
+      cancelled = true;
+    }
+    if (cancelled) {
+      got = co_await shielded(slow_save(saves, 5ms));
+      co_await sleep_task(0s);  // throws job_cancelled again
+      after = true;
+    }
+  }, "editor");
+  loop.run_once();
+  h.cancel();
+  drain(loop);
+  CHECK(saves == 1);
+  CHECK(got == 1);
+  CHECK_FALSE(after);
+  CHECK_THROWS_AS(h.result(), job_cancelled);
+  CHECK(log.names.size() == 1);  // the co_await after the cleanup went on; the cleanup did not
+}
+
+TEST_CASE("a cancel that arrives during a shielded wait does not stop it") {
+  event_loop loop;
+  int saves = 0;
+  auto h = start_job(loop, [&]() -> job<int> { co_return co_await shielded(slow_save(saves, 20ms)); });
+  loop.run_once();
+  loop.run_once();
+  CHECK(h.cancel());
+  drain(loop);
+  CHECK(saves == 1);
+  CHECK(h.result() == 1);  // it ended normally without another co_await
+}
+
+TEST_CASE("shielded(with_timeout(d, a)) bounds the cleanup by the timeout") {
+  event_loop loop(manual());
+  int saves = 0;
+  bool timed_out = false;
+  auto h = start_job(loop, [&]() -> job<> {
+    bool cancelled = false;
+    try {
+      co_await sleep_task(1h);
+    } catch (const job_cancelled&) {
+      cancelled = true;
+    }
+    if (!cancelled) co_return;
+    try {
+      co_await shielded(with_timeout(1s, slow_save(saves, 10s)));
+    } catch (const timeout_error&) {
+      timed_out = true;
+    }
+    throw job_cancelled{};
+  });
+  error_log log(loop);
+  loop.run_once();
+  h.cancel();
+  loop.advance(2s);
+  CHECK(log.names.empty());  // shielded cleanup, then rethrown: not "going on"
+  CHECK(timed_out);
+  CHECK(saves == 0);
+  CHECK(h.done());
+}
+
+TEST_CASE("an error inside shielded is rethrown at its co_await") {
+  event_loop loop;
+  auto h = start_job(loop, []() -> job<int> { co_return co_await shielded(fails_with("disk full")); });
+  drain(loop);
+  CHECK_THROWS_WITH_AS(h.result(), "disk full", std::runtime_error);
+}
+
+TEST_CASE("job_scope::cancel_all returns only after its jobs' thread functions have returned") {
+  struct window {
+    std::string title;
+    job_scope jobs;
+    explicit window(event_loop& l) : jobs(l) {}
+  };
+  event_loop loop;
+  std::atomic<int> started{0};
+  auto* w = new window(loop);
+  for (int i = 0; i < 3; ++i)
+    w->jobs.start([](window& win, std::atomic<int>& s, event_loop& l) -> job<> {
+      co_await threaded_task([&win, &s, &l](std::stop_token st) {
+        ++s;
+        l.post([] {});  // wakes run_until, which waits in the loop
+        while (!st.stop_requested()) std::this_thread::yield();
+        std::this_thread::sleep_for(10ms);
+        win.title = "stopped";  // after cancel_all: a use-after-free unless it waited
+      });
+    }(*w, started, loop));
+  REQUIRE(run_until(loop, [&] { return started == 3; }));
+  w->jobs.cancel_all();
+  CHECK(w->title == "stopped");
+  delete w;
+  CHECK(loop.stats().outstanding == 0);
+  drain(loop);
+}
+
+TEST_CASE("threaded_task(abandon_on_cancel, f) lets a cancelled job unwind while f still runs") {
+  event_loop loop;
+  auto release = std::make_shared<std::atomic<bool>>(false);
+  auto started = std::make_shared<std::atomic<bool>>(false);
+  auto ran_on = std::make_shared<std::atomic<bool>>(false);
+  auto h = start_job(loop, [&]() -> job<> {
+    co_await threaded_task(
+        abandon_on_cancel,
+        [](std::shared_ptr<std::atomic<bool>> go, std::shared_ptr<std::atomic<bool>> s,
+           std::shared_ptr<std::atomic<bool>> done, event_loop* l) {
+          *s = true;
+          l->post([] {});  // wakes run_until, which waits in the loop
+          while (!*go) std::this_thread::yield();  // cannot be stopped
+          *done = true;
+          return 1;
+        },
+        release, started, ran_on, &loop);
+  });
+  REQUIRE(run_until(loop, [&] { return started->load(); }));
+  CHECK(h.cancel());
+  CHECK(run_until(loop, [&] { return h.done(); }));  // without waiting for f
+  CHECK_THROWS_AS(h.result(), job_cancelled);
+  CHECK_FALSE(ran_on->load());
+  CHECK(loop.stats().outstanding == 0);  // run() does not wait for it either
+  *release = true;
+}
+
+TEST_CASE("cancelling sleeping jobs and call_later timers allocates nothing") {
+  // A cancel runs in noexcept paths (a job's cancel, a scope's destructor): an allocation
+  // there that failed would terminate. (Cancelled timers used to be recorded in a set.)
+  if (!can_fail_allocations) return;
+  event_loop loop;
+  auto sleepers = [&] {
+    std::vector<job_handle<>> v;
+    for (int i = 0; i < 100; ++i) v.push_back(start_job(loop, []() -> job<> { co_await sleep_task(1h); }));
+    loop.run_once();  // they are asleep
+    return v;
+  };
+  // Two rounds first, so that both ready queues (the loop swaps them) have room for 100
+  // resumptions: growing them is the loop's one allocation per cancel, amortised.
+  for (int round = 0; round < 2; ++round) {
+    for (auto& h : sleepers()) h.cancel();
+    loop.run_once();
+  }
+  auto jobs = sleepers();
+  std::vector<callback_handle> timers;
+  for (int i = 0; i < 100; ++i) timers.push_back(loop.call_later(1h, [] {}));
+  REQUIRE(loop.stats().timers == 200);
+  const long before = allocations;
+  for (auto& h : jobs) CHECK(h.cancel());
+  for (auto& t : timers) CHECK(t.cancel());
+  CHECK(allocations == before);
+  CHECK(loop.stats().timers == 0);
+  drain(loop);
+}
+
+}  // TEST_SUITE("cancellation")

@@ -28,14 +28,11 @@ TEST_CASE("a job's value is available from its handle once it ends") {
 }
 
 TEST_CASE("co_await of a child job yields its value") {
-  event_loop loop;
-  auto h = start_job(loop, []() -> job<int> {
-    int a = co_await value_of(2);
-    int b = co_await value_of(3);
-    co_return a * b;
-  });
-  drain(loop);
-  CHECK(h.result() == 6);
+  CHECK(run_job([]() -> job<int> {
+          int a = co_await value_of(2);
+          int b = co_await value_of(3);
+          co_return a * b;
+        }) == 6);
 }
 
 TEST_CASE("co_await of a child job rethrows its exception with its type") {
@@ -99,9 +96,8 @@ struct alignas(64) over_aligned {
 
 // A job's state is built in a room in front of its root frame (one allocation per job),
 // unless the result is large or over-aligned; either way it outlives the frame.
-TEST_CASE("a result of any size or alignment outlives the job's frame until the last handle goes") {
+TEST_CASE_FIXTURE(no_live_left, "a result of any size or alignment outlives the job's frame until the last handle goes") {
   event_loop loop;
-  const int live_before = live::count;
   auto small = start_job(loop, []() -> job<int> { co_return 1; });
   auto big = start_job(loop, []() -> job<std::array<char, 4096>> {
     std::array<char, 4096> a{};
@@ -113,10 +109,10 @@ TEST_CASE("a result of any size or alignment outlives the job's frame until the 
     auto counted = start_job(loop, []() -> job<live> { co_return live{}; });
     drain(loop);
     REQUIRE(counted.done());
-    CHECK(live::count == live_before + 1);  // the frame is gone; the state holds the value
+    CHECK(live::count == 1);  // the frame is gone; the state holds the value
     auto copy = counted;
   }
-  CHECK(live::count == live_before);  // the last handle freed the state and its value
+  CHECK(live::count == 0);  // the last handle freed the state and its value
   CHECK(small.result() == 1);
   CHECK(big.result()[4095] == 'z');
   const auto a = aligned.result();
@@ -367,7 +363,7 @@ TEST_CASE("a watch on an fd that gets closed reports POLLNVAL once and is droppe
   CHECK_FALSE(w.active());
 }
 
-TEST_CASE("jobs() lists each live job with its name, state and what it waits on for how long") {
+TEST_CASE_FIXTURE(no_live_left, "jobs() lists each live job with its name, state and what it waits on for how long") {
   event_loop loop(manual());
   pipe_fds p;
   start_job(loop, after(1h, 0), "sleeper");

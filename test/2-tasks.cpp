@@ -63,19 +63,16 @@ TEST_CASE("sleep_task of a huge duration saturates instead of wrapping") {
 TEST_SUITE("tasks: threads") {
 
 TEST_CASE("threaded_task runs f on a worker thread and resumes the job on the loop thread") {
-  event_loop loop;
   const auto loop_thread = std::this_thread::get_id();
   std::thread::id f_thread, resumed_on;
-  auto h = start_job(loop, [&]() -> job<int> {
-    int v = co_await threaded_task([&](int a, int b) {
-      f_thread = std::this_thread::get_id();
-      return a + b;
-    }, 20, 22);
-    resumed_on = std::this_thread::get_id();
-    co_return v;
-  });
-  drain(loop);
-  CHECK(h.result() == 42);
+  CHECK(run_job([&]() -> job<int> {
+          int v = co_await threaded_task([&](int a, int b) {
+            f_thread = std::this_thread::get_id();
+            return a + b;
+          }, 20, 22);
+          resumed_on = std::this_thread::get_id();
+          co_return v;
+        }) == 42);
   CHECK(f_thread != loop_thread);
   CHECK(resumed_on == loop_thread);
 }
@@ -95,19 +92,15 @@ TEST_CASE("threaded_task rethrows the function's exception with its type at the 
 }
 
 TEST_CASE("threaded_task moves move-only arguments and results across threads") {
-  event_loop loop;
-  auto h = start_job(loop, []() -> job<int> {
-    auto p = co_await threaded_task([](std::unique_ptr<int> q) { return q; }, std::make_unique<int>(8));
-    co_return *p;
-  });
-  drain(loop);
-  CHECK(h.result() == 8);
+  CHECK(run_job([]() -> job<int> {
+          auto p = co_await threaded_task([](std::unique_ptr<int> q) { return q; }, std::make_unique<int>(8));
+          co_return *p;
+        }) == 8);
 }
 
-TEST_CASE("threaded_task passes a stop_token that cancel() requests, and drops the result") {
+TEST_CASE_FIXTURE(no_live_left, "threaded_task passes a stop_token that cancel() requests, and drops the result") {
   event_loop loop;
   std::atomic<bool> started{false}, saw_stop{false};
-  live::count = 0;
   auto h = start_job(loop, [&]() -> job<> {
     live guard;
     co_await threaded_task([&](std::stop_token st) {
@@ -253,22 +246,16 @@ TEST_CASE("a second task_return call does nothing but report a std::logic_error"
 }
 
 TEST_CASE("a task_return destroyed without being called fails the job instead of hanging") {
-  event_loop loop;
-  auto h = start_job(loop, []() -> job<> { co_await callback_task<>([](task_return<>) {}); });
-  drain(loop);
-  REQUIRE(h.done());
-  CHECK_THROWS_AS(h.result(), std::logic_error);
+  CHECK_THROWS_AS(run_job([]() -> job<> { co_await callback_task<>([](task_return<>) {}); }), std::logic_error);
 }
 
 TEST_CASE("task_return can deliver an exception with fail()") {
-  event_loop loop;
-  auto h = start_job(loop, []() -> job<int> {
-    co_return co_await callback_task<int>([](task_return<int> done) {
-      done.fail(std::make_exception_ptr(std::range_error("failed")));
-    });
-  });
-  drain(loop);
-  CHECK_THROWS_AS(h.result(), std::range_error);
+  CHECK_THROWS_AS(run_job([]() -> job<int> {
+                    co_return co_await callback_task<int>([](task_return<int> done) {
+                      done.fail(std::make_exception_ptr(std::range_error("failed")));
+                    });
+                  }),
+                  std::range_error);
 }
 
 TEST_CASE("a callback_task whose start throws rethrows at the co_await") {

@@ -90,21 +90,10 @@ TEST_CASE("exceptions from post, call_later and watch callbacks reach the error 
 
 TEST_CASE("the default error handler prints the job's name and what() to stderr") {
   event_loop loop;
-  fflush(stderr);
-  const int saved = ::dup(2);
-  char path[] = "/tmp/coro_jobs_stderrXXXXXX";
-  const int fd = ::mkstemp(path);
-  REQUIRE(fd >= 0);
-  ::dup2(fd, 2);
-  start_job(loop, fails_with("visible"), "printer");
-  drain(loop);
-  fflush(stderr);
-  ::dup2(saved, 2);
-  ::close(saved);
-  ::close(fd);
-  std::ifstream f(path);
-  std::string text((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-  ::unlink(path);
+  const std::string text = stderr_of([&] {
+    start_job(loop, fails_with("visible"), "printer");
+    drain(loop);
+  });
   CHECK(text.find("printer") != std::string::npos);
   CHECK(text.find("visible") != std::string::npos);
 }
@@ -138,9 +127,8 @@ TEST_CASE("an error handler that replaces itself keeps its captures until it ret
 
 TEST_SUITE("cancellation") {
 
-TEST_CASE("cancel() of a sleeping job removes its timer and throws job_cancelled at its co_await") {
+TEST_CASE_FIXTURE(no_live_left, "cancel() of a sleeping job removes its timer and throws job_cancelled at its co_await") {
   event_loop loop;
-  live::count = 0;
   std::vector<std::string> events;
   auto h = start_job(loop, [&]() -> job<> {
     live guard;
@@ -363,10 +351,9 @@ TEST_CASE("with_timeout goes on only after the timed-out thread function has ret
         }) == 3);
 }
 
-TEST_CASE("cancelling a job before its body started ends it without running the body") {
+TEST_CASE_FIXTURE(no_live_left, "cancelling a job before its body started ends it without running the body") {
   event_loop loop;
   bool ran = false;
-  live::count = 0;
   auto h = start_job(loop, [&](live) -> job<> {
     ran = true;
     co_return;
@@ -582,10 +569,8 @@ TEST_CASE("shielded(with_timeout(d, a)) bounds the cleanup by the timeout") {
 }
 
 TEST_CASE("an error inside shielded is rethrown at its co_await") {
-  event_loop loop;
-  auto h = start_job(loop, []() -> job<int> { co_return co_await shielded(fails_with("disk full")); });
-  drain(loop);
-  CHECK_THROWS_WITH_AS(h.result(), "disk full", std::runtime_error);
+  CHECK_THROWS_WITH_AS(run_job([]() -> job<int> { co_return co_await shielded(fails_with("disk full")); }),
+                       "disk full", std::runtime_error);
 }
 
 TEST_CASE("job_scope::cancel_all returns only after its jobs' thread functions have returned") {

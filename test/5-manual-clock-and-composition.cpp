@@ -73,7 +73,7 @@ TEST_CASE("advance(hours::max()) never makes a never deadline fall due") {
   drain(loop);
 }
 
-TEST_CASE("run() on a manual clock returns when only timers are left, instead of spinning") {
+TEST_CASE_FIXTURE(no_live_left, "run() on a manual clock returns when only timers are left, instead of spinning") {
   event_loop loop(manual());
   auto h = start_job(loop, after(1s, 1));
   loop.run();
@@ -148,9 +148,8 @@ TEST_CASE("on a manual clock the loop blocks for a thread function instead of sp
 
 TEST_SUITE("composition") {
 
-TEST_CASE("when_all yields a tuple of every result, with std::monostate for void") {
+TEST_CASE_FIXTURE(no_live_left, "when_all yields a tuple of every result, with std::monostate for void") {
   event_loop loop(manual());
-  live::count = 0;
   std::optional<std::tuple<int, std::monostate, int, std::string>> got;
   auto other = start_job(loop, after(5ms, 9));
   start_job(loop, [&]() -> job<> {
@@ -169,7 +168,7 @@ TEST_CASE("when_all yields a tuple of every result, with std::monostate for void
   CHECK(live::count == 0);
 }
 
-TEST_CASE("when_all runs a threaded task beside timers") {
+TEST_CASE_FIXTURE(no_live_left, "when_all runs a threaded task beside timers") {
   event_loop loop;
   std::optional<std::tuple<int, int>> got;
   start_job(loop, [&]() -> job<> {
@@ -179,10 +178,9 @@ TEST_CASE("when_all runs a threaded task beside timers") {
   CHECK(*got == std::tuple{6, 7});
 }
 
-TEST_CASE("the first error in when_all cancels the others, waits for their unwinding, then is rethrown") {
+TEST_CASE_FIXTURE(no_live_left, "the first error in when_all cancels the others, waits for their unwinding, then is rethrown") {
   event_loop loop(manual());
   error_log log(loop);
-  live::count = 0;
   int live_at_catch = -1;
   std::string what;
   start_job(loop, [&]() -> job<> {
@@ -200,7 +198,7 @@ TEST_CASE("the first error in when_all cancels the others, waits for their unwin
   CHECK(log.whats.empty());
 }
 
-TEST_CASE("a second error in when_all while it unwinds reaches the error handler") {
+TEST_CASE_FIXTURE(no_live_left, "a second error in when_all while it unwinds reaches the error handler") {
   event_loop loop(manual());
   error_log log(loop);
   std::string what;
@@ -226,9 +224,8 @@ TEST_CASE("a second error in when_all while it unwinds reaches the error handler
   CHECK(log.names[0] == "when_all");
 }
 
-TEST_CASE("cancelling a job waiting in when_all cancels every branch and unwinds them first") {
+TEST_CASE_FIXTURE(no_live_left, "cancelling a job waiting in when_all cancels every branch and unwinds them first") {
   event_loop loop(manual());
-  live::count = 0;
   std::atomic<bool> stop_seen{false}, started{false};
   int live_at_cancel = -1;
   auto h = start_job(loop, [&]() -> job<> {
@@ -254,9 +251,8 @@ TEST_CASE("cancelling a job waiting in when_all cancels every branch and unwinds
   CHECK(loop.stats().outstanding == 0);
 }
 
-TEST_CASE("when_any yields the index and value of the first to finish, after the losers unwound") {
+TEST_CASE_FIXTURE(no_live_left, "when_any yields the index and value of the first to finish, after the losers unwound") {
   event_loop loop(manual());
-  live::count = 0;
   std::optional<std::variant<int, int, steady_clock::duration>> got;
   int live_after = -1;
   start_job(loop, [&]() -> job<> {
@@ -271,7 +267,7 @@ TEST_CASE("when_any yields the index and value of the first to finish, after the
   CHECK(loop.stats().timers == 0);
 }
 
-TEST_CASE("when_any rethrows the error of the first to end") {
+TEST_CASE_FIXTURE(no_live_left, "when_any rethrows the error of the first to end") {
   event_loop loop(manual());
   std::string what;
   start_job(loop, [&]() -> job<> {
@@ -285,9 +281,8 @@ TEST_CASE("when_any rethrows the error of the first to end") {
   CHECK(what == "first");
 }
 
-TEST_CASE("cancelling a job waiting in when_any cancels every branch") {
+TEST_CASE_FIXTURE(no_live_left, "cancelling a job waiting in when_any cancels every branch") {
   event_loop loop(manual());
-  live::count = 0;
   auto h = start_job(loop, [&]() -> job<int> {
     auto r = co_await when_any(after(1h, 1), after(2h, 2));
     co_return int(r.index());
@@ -301,9 +296,8 @@ TEST_CASE("cancelling a job waiting in when_any cancels every branch") {
   CHECK(loop.stats().jobs == 0);
 }
 
-TEST_CASE("cancelling a job before when_all's branches began ends it without running them") {
+TEST_CASE_FIXTURE(no_live_left, "cancelling a job before when_all's branches began ends it without running them") {
   event_loop loop(manual());
-  live::count = 0;
   auto h = start_job(loop, []() -> job<> { co_await when_all(after(1h, 1), after(1h, 2)); });
   loop.run_once();  // the job starts, its branches are queued
   h.cancel();
@@ -313,7 +307,7 @@ TEST_CASE("cancelling a job before when_all's branches began ends it without run
   CHECK(loop.stats().jobs == 0);
 }
 
-TEST_CASE("with_timeout yields the value when the work finishes in time") {
+TEST_CASE_FIXTURE(no_live_left, "with_timeout yields the value when the work finishes in time") {
   event_loop loop(manual());
   auto h = start_job(loop, []() -> job<int> { co_return co_await with_timeout(1s, after(10ms, 5)); });
   loop.advance(10ms);
@@ -321,9 +315,8 @@ TEST_CASE("with_timeout yields the value when the work finishes in time") {
   CHECK(loop.stats().timers == 0);  // the timeout's timer is gone
 }
 
-TEST_CASE("with_timeout cancels the work and throws timeout_error when time runs out") {
+TEST_CASE_FIXTURE(no_live_left, "with_timeout cancels the work and throws timeout_error when time runs out") {
   event_loop loop(manual());
-  live::count = 0;
   int live_at_catch = -1;
   bool timed_out = false;
   start_job(loop, [&]() -> job<> {
@@ -381,14 +374,14 @@ TEST_CASE("a cancel of the job waiting in with_timeout stays job_cancelled") {
   CHECK_THROWS_AS(h.result(), job_cancelled);
 }
 
-TEST_CASE("a completion and a timeout due in the same iteration: the work set first wins") {
+TEST_CASE_FIXTURE(no_live_left, "a completion and a timeout due in the same iteration: the work set first wins") {
   event_loop loop(manual());
   auto h = start_job(loop, []() -> job<int> { co_return co_await with_timeout(1s, after(1000ms, 5)); });
   loop.advance(1s);  // both timers are due at once; the work's was set first
   CHECK(h.result() == 5);
 }
 
-TEST_CASE("a timeout and a completion due in the same iteration: the timeout set first wins") {
+TEST_CASE_FIXTURE(no_live_left, "a timeout and a completion due in the same iteration: the timeout set first wins") {
   event_loop loop(manual());
   auto late = []() -> job<int> {
     co_await sleep_task(0s);          // sets its timer one iteration after the timeout's

@@ -4,9 +4,8 @@
 
 TEST_SUITE("scopes") {
 
-TEST_CASE("a job scope's cancel_all finishes its jobs' unwinding before it returns") {
+TEST_CASE_FIXTURE(no_live_left, "a job scope's cancel_all finishes its jobs' unwinding before it returns") {
   event_loop loop(manual());
-  live::count = 0;
   std::vector<std::string> cleanup;
   job_scope scope(loop);
   for (std::string name : {"a", "b"})
@@ -31,9 +30,8 @@ TEST_CASE("a job scope's cancel_all finishes its jobs' unwinding before it retur
   CHECK(loop.stats().timers == 0);
 }
 
-TEST_CASE("destroying a job scope cancels its jobs, even those not started yet") {
+TEST_CASE_FIXTURE(no_live_left, "destroying a job scope cancels its jobs, even those not started yet") {
   event_loop loop(manual());
-  live::count = 0;
   job_handle<int> h1, h2;
   {
     job_scope scope(loop);
@@ -47,7 +45,7 @@ TEST_CASE("destroying a job scope cancels its jobs, even those not started yet")
   CHECK_THROWS_AS(h2.result(), job_cancelled);
 }
 
-TEST_CASE("cancel_all finishes a job whose when_any already has its winner") {
+TEST_CASE_FIXTURE(no_live_left, "cancel_all finishes a job whose when_any already has its winner") {
   event_loop loop;
   bool quick_done = false;
   int status = 0;
@@ -75,9 +73,8 @@ TEST_CASE("cancel_all finishes a job whose when_any already has its winner") {
   CHECK(status == after_close);
 }
 
-TEST_CASE("jobs started by catch blocks while a scope unwinds are cancelled too") {
+TEST_CASE_FIXTURE(no_live_left, "jobs started by catch blocks while a scope unwinds are cancelled too") {
   event_loop loop(manual());
-  live::count = 0;
   {
     job_scope scope(loop, restart::cancel_previous);
     auto saver = [&scope]() -> job<> {
@@ -102,9 +99,8 @@ TEST_CASE("jobs started by catch blocks while a scope unwinds are cancelled too"
   CHECK(loop.stats().jobs == 0);
 }
 
-TEST_CASE("a job that cancels its own scope ends at its next await") {
+TEST_CASE_FIXTURE(no_live_left, "a job that cancels its own scope ends at its next await") {
   event_loop loop(manual());
-  live::count = 0;
   auto scope = std::make_unique<job_scope>(loop);
   bool after_close = false;
   auto h = scope->start([&]() -> job<> {
@@ -121,7 +117,7 @@ TEST_CASE("a job that cancels its own scope ends at its next await") {
   CHECK(live::count == 0);
 }
 
-TEST_CASE("an error of a scope's job that nobody holds reaches the error handler once") {
+TEST_CASE_FIXTURE(no_live_left, "an error of a scope's job that nobody holds reaches the error handler once") {
   event_loop loop(manual());
   error_log log(loop);
   job_scope scope(loop);
@@ -175,7 +171,7 @@ TEST_CASE("restart::cancel_previous unwinds the previous job before starting the
   CHECK_THROWS_AS(a.result(), job_cancelled);
 }
 
-TEST_CASE("restart::run_another runs every click") {
+TEST_CASE_FIXTURE(no_live_left, "restart::run_another runs every click") {
   event_loop loop(manual());
   job_scope scope(loop);
   auto a = scope.start(after(10ms, 1), "click");
@@ -297,6 +293,13 @@ TEST_CASE("a progress destroyed by its own callback keeps the callback's capture
 
 TEST_SUITE("watchdog") {
 
+// Keeps the loop busy for d, from a job step or a callback: what the watchdog is for.
+void busy_for(steady_clock::duration d) {
+  const auto end = steady_clock::now() + d;
+  while (steady_clock::now() < end) {
+  }
+}
+
 TEST_CASE("the watchdog reports a job step that holds the loop too long, naming the job") {
   event_loop loop;
   std::vector<std::pair<std::string, steady_clock::duration>> slow;
@@ -304,9 +307,7 @@ TEST_CASE("the watchdog reports a job step that holds the loop too long, naming 
     slow.emplace_back(who, held);
   });
   start_job(loop, []() -> job<> {
-    const auto end = steady_clock::now() + 50ms;
-    while (steady_clock::now() < end) {  // blocks the loop: what the watchdog is for
-    }
+    busy_for(50ms);
     co_return;
   }, "blocker");
   start_job(loop, []() -> job<> { co_await sleep_task(1ms); }, "polite");
@@ -331,9 +332,7 @@ TEST_CASE("without a watchdog handler a slow step reaches the error handler as s
   });
   loop.set_watchdog(10ms);
   loop.post([] {
-    const auto end = steady_clock::now() + 20ms;
-    while (steady_clock::now() < end) {
-    }
+    busy_for(20ms);
   });
   drain(loop);
   CHECK(names == std::vector<std::string>{"post"});
@@ -343,26 +342,13 @@ TEST_CASE("without a watchdog handler a slow step reaches the error handler as s
 TEST_CASE("the default watchdog report says who held the loop, without 'failed' or a doubled prefix") {
   event_loop loop;
   loop.set_watchdog(1ms);
-  fflush(stderr);
-  const int saved = ::dup(2);
-  char path[] = "/tmp/coro_jobs_stderrXXXXXX";
-  const int fd = ::mkstemp(path);
-  REQUIRE(fd >= 0);
-  ::dup2(fd, 2);
-  start_job(loop, []() -> job<> {
-    const auto end = steady_clock::now() + 5ms;
-    while (steady_clock::now() < end) {
-    }
-    co_return;
-  }, "load_settings");
-  drain(loop);
-  fflush(stderr);
-  ::dup2(saved, 2);
-  ::close(saved);
-  ::close(fd);
-  std::ifstream f(path);
-  std::string text((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-  ::unlink(path);
+  const std::string text = stderr_of([&] {
+    start_job(loop, []() -> job<> {
+      busy_for(5ms);
+      co_return;
+    }, "load_settings");
+    drain(loop);
+  });
   CHECK(text.rfind("coro_jobs: load_settings held the loop for ", 0) == 0);
   CHECK(text.find("failed") == std::string::npos);
   CHECK(text.find("coro_jobs: coro_jobs") == std::string::npos);
@@ -372,9 +358,7 @@ TEST_CASE("a throwing watchdog handler leaks nothing and leaves run_once") {
   event_loop loop;
   loop.set_watchdog(1ms, [](std::string_view, steady_clock::duration) { throw std::runtime_error("slow"); });
   auto h = start_job(loop, []() -> job<> {
-    const auto end = steady_clock::now() + 5ms;
-    while (steady_clock::now() < end) {
-    }
+    busy_for(5ms);
     co_return;
   });
   CHECK_THROWS_AS(loop.run_once(), std::runtime_error);
@@ -391,9 +375,7 @@ TEST_CASE("a watchdog handler that replaces itself keeps its captures until it r
   });
   text.reset();
   loop.post([] {
-    const auto end = steady_clock::now() + 5ms;
-    while (steady_clock::now() < end) {
-    }
+    busy_for(5ms);
   });
   drain(loop);
   CHECK(seen == "a capture that must stay alive");
@@ -404,9 +386,7 @@ TEST_CASE("the watchdog names a slow progress callback \"progress\"") {
   std::string who;
   loop.set_watchdog(1ms, [&](std::string_view w, steady_clock::duration) { who = w; });
   progress<int> p(loop, [](int) {
-    const auto end = steady_clock::now() + 5ms;
-    while (steady_clock::now() < end) {
-    }
+    busy_for(5ms);
   });
   p.get_reporter()(1);
   CHECK(run_until(loop, [&] { return !who.empty(); }));
@@ -418,9 +398,7 @@ TEST_CASE("the watchdog names a slow branch after its parent") {
   std::vector<std::string> slow;
   loop.set_watchdog(5ms, [&](std::string_view who, steady_clock::duration) { slow.emplace_back(who); });
   auto busy = []() -> job<> {
-    const auto end = steady_clock::now() + 20ms;
-    while (steady_clock::now() < end) {  // blocks the loop: what the watchdog is for
-    }
+    busy_for(20ms);
     co_return;
   };
   start_job(loop, [&]() -> job<> { co_await when_all(value_of(1), when_any(busy(), value_of(2))); }, "top");

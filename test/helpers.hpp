@@ -83,6 +83,17 @@ inline void drain(event_loop& loop, std::chrono::milliseconds limit = 10s) {
   CHECK(idle);
 }
 
+// Runs one job to its end on a fresh loop (drained, with drain's deadline) and returns its
+// result, or rethrows its error: for tests whose whole subject is what one job body yields.
+template <class Body>
+auto run_job(Body body) {
+  event_loop loop;
+  auto h = start_job(loop, std::move(body));
+  drain(loop);
+  REQUIRE(h.done());
+  return h.result();
+}
+
 // Unblocks a wait that must not happen: if `done` is not set within 10 s, calls `rescue`, so
 // that a regression fails the test instead of hanging it.
 struct rescuer {
@@ -116,6 +127,15 @@ struct live {
   ~live() { --count; }
 };
 
+// The fixture of every test that makes `live` objects (TEST_CASE_FIXTURE(no_live_left, ...)):
+// the count starts at zero, and none may be left once the test's loops and handles are gone.
+struct no_live_left {
+  no_live_left() { live::count = 0; }
+  ~no_live_left() { CHECK_MESSAGE(live::count == 0, "live objects left at the end of the test"); }
+  no_live_left(const no_live_left&) = delete;
+  no_live_left& operator=(const no_live_left&) = delete;
+};
+
 // Collects what reaches the loop's error handler.
 struct error_log {
   std::vector<std::string> names, whats;
@@ -130,6 +150,26 @@ struct error_log {
     });
   }
 };
+
+// Runs fn with stderr sent to a temporary file, and returns what was written there.
+template <class F>
+std::string stderr_of(F fn) {
+  std::fflush(stderr);
+  const int saved = ::dup(2);
+  char path[] = "/tmp/coro_jobs_stderrXXXXXX";
+  const int fd = ::mkstemp(path);
+  REQUIRE(fd >= 0);
+  ::dup2(fd, 2);
+  fn();
+  std::fflush(stderr);
+  ::dup2(saved, 2);
+  ::close(saved);
+  ::close(fd);
+  std::ifstream f(path);
+  std::string text((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  ::unlink(path);
+  return text;
+}
 
 struct pipe_fds {
   int r = -1, w = -1;

@@ -12,20 +12,24 @@ all: $(BUILD)/demo $(BUILD)/test
 run: $(BUILD)/demo
 	./$(BUILD)/demo
 
-# Builds in parallel even when typed as plain `make test` (JOBS compiles at once; under
-# `make -jN` the sub-make shares the caller's job slots instead).
+# Builds in parallel even when typed as plain `make test`: JOBS compiles at once (JOBS=1 for
+# a serial build); under `make -jN` the sub-make shares the caller's job slots instead.
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 test:
 	@$(MAKE) --no-print-directory $(if $(findstring jobserver,$(MAKEFLAGS)),,-j$(JOBS)) $(BUILD)/test nodiscard
 	./$(BUILD)/test
 
 # Every task type is [[nodiscard]]: a forgotten co_await must not compile (tests/nodiscard.cpp).
-nodiscard:
-	@for c in 1 2 3 4 5 6; do \
-	  if $(CXX) $(REQUIRED) $(WARN) -DCASE=$$c -fsyntax-only tests/nodiscard.cpp 2>/dev/null; then \
-	    echo "tests/nodiscard.cpp CASE=$$c compiled: a task is missing [[nodiscard]]"; exit 1; fi; \
-	done; echo "nodiscard: 6 forgotten co_awaits rejected"
+# CASE=0 must compile; each other case is its own target, so that they check in parallel.
+NODISCARD := $(foreach c,1 2 3 4 5 6,nodiscard-$c)
+.PHONY: nodiscard-0 $(NODISCARD)
+nodiscard: nodiscard-0 $(NODISCARD)
+	@echo "nodiscard: 6 forgotten co_awaits rejected"
+nodiscard-0:
 	@$(CXX) $(REQUIRED) $(WARN) -DCASE=0 -fsyntax-only tests/nodiscard.cpp
+$(NODISCARD): nodiscard-%:
+	@if $(CXX) $(REQUIRED) $(WARN) -DCASE=$* -fsyntax-only tests/nodiscard.cpp 2>/dev/null; then \
+	  echo "tests/nodiscard.cpp CASE=$* compiled: a task is missing [[nodiscard]]"; exit 1; fi
 
 $(BUILD):
 	mkdir -p $@
@@ -39,7 +43,7 @@ TEST_SRC := test.cpp $(wildcard test/*.cpp)
 TEST_OBJ := $(TEST_SRC:%.cpp=$(BUILD)/test-obj/%.o)
 $(BUILD)/test: $(TEST_OBJ) | $(BUILD)
 	$(CXX) $(REQUIRED) $(CXXFLAGS) $^ -o $@
-$(BUILD)/test-obj/%.o: %.cpp test/helpers.hpp coro_jobs.hpp | deps
+$(BUILD)/test-obj/%.o: %.cpp $(wildcard test/*.hpp) coro_jobs.hpp | deps
 	@mkdir -p $(dir $@)
 	$(CXX) $(REQUIRED) $(WARN) $(CXXFLAGS) -c $< -o $@
 

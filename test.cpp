@@ -8,12 +8,17 @@
 //   test/5-manual-clock-and-composition.cpp      manual clock; composition
 //   test/6-scopes-progress-watchdog-signals.cpp  scopes; progress; watchdog; signals
 // test/helpers.hpp holds what they share. `make test` builds them in parallel and runs them.
+// This file does not include coro_jobs.hpp: doctest's runner alone takes long enough to build.
 #define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
-#include "test/helpers.hpp"
+#include <doctest/doctest.h>
 
-// fail_alloc_in = n makes the n-th allocation from now on this thread throw std::bad_alloc.
+#include <cstdlib>
+#include <new>
+
+#include "test/allocations.hpp"
+
 thread_local int fail_alloc_in = 0;
-thread_local long allocations = 0;  // operator new calls on this thread
+thread_local long allocations = 0;
 
 // Replaces the global operator new of the whole test binary. (Not inlined, so that GCC does
 // not pair these mallocs and frees with other allocation functions in its

@@ -10,6 +10,7 @@
 #endif
 #include <doctest/doctest.h>
 
+#include "allocations.hpp"
 #include "coro_jobs.hpp"
 
 #include <malloc.h>
@@ -41,23 +42,6 @@
 using namespace coro_jobs;
 using namespace std::chrono_literals;
 using std::chrono::steady_clock;
-
-// Out-of-memory tests: fail_alloc_in = n makes the n-th allocation from now on this thread
-// throw std::bad_alloc; `allocations` counts operator new calls on this thread. Both are
-// kept by the replacement operator new in test.cpp. Clang's TSan runtime defines operator
-// new itself, so there is no replacement there and those tests are skipped.
-#if defined(__has_feature)
-#if __has_feature(thread_sanitizer)
-#define NO_NEW_REPLACEMENT 1
-#endif
-#endif
-extern thread_local int fail_alloc_in;
-extern thread_local long allocations;
-#ifdef NO_NEW_REPLACEMENT
-constexpr bool can_fail_allocations = false;
-#else
-constexpr bool can_fail_allocations = true;
-#endif
 
 // Drives the loop until pred() holds. A guard timer wakes a blocked iteration at the
 // deadline, so a hang becomes a failed check.

@@ -1,12 +1,10 @@
 // test.cpp - the specification of coro_jobs: doctest's main, and the replacement operator
 // new that the out-of-memory tests use. The cases live in test/, one file per group of
 // suites, in the order of the manual's rules (doctest runs them in file order):
-//   test/1-jobs-and-the-loop.cpp                 jobs; the loop
-//   test/2-tasks.cpp                             tasks: sleep, threads, callbacks, fds
-//   test/3-errors-and-cancellation.cpp           errors; cancellation
-//   test/4-lifetime-handles-bad-input.cpp        lifetime; handles; bad input
-//   test/5-manual-clock-and-composition.cpp      manual clock; composition
-//   test/6-scopes-progress-watchdog-signals.cpp  scopes; progress; watchdog; signals
+//   test/1-jobs-loop-tasks.cpp               jobs; the loop; tasks: sleep, threads, callbacks, fds
+//   test/2-errors-cancellation-lifetime.cpp  errors; cancellation; lifetime; handles; bad input
+//   test/3-clock-composition-scopes.cpp      manual clock; composition; scopes; progress;
+//                                            watchdog; signals
 // test/helpers.hpp holds what they share. `make test` builds them in parallel and runs them.
 // This file does not include coro_jobs.hpp: doctest's runner alone takes long enough to build.
 #define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN

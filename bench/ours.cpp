@@ -57,7 +57,7 @@ void w1(const bench::options& o) {
   const int jobs = o.n.w1_jobs, yields = o.n.w1_yields;
   const double switches = double(jobs) * yields;
   {
-    event_loop loop(2);
+    event_loop loop(loop_options{.worker_threads = 2});
     long count = 0;
     const auto t0 = clk::now();
     for (int j = 0; j < jobs; ++j) start_job(loop, yielder(yields, count));
@@ -184,7 +184,7 @@ void w2(const bench::options& o) {
   const auto delay = bench::delays(n, o.n.w2_max_ms);
   std::vector<float> late(static_cast<std::size_t>(n), -1e9f);  // touched now, so not counted as growth
   long done = 0;
-  event_loop loop(2);
+  event_loop loop(loop_options{.worker_threads = 2});
   const long rss0 = bench::peak_rss();
   const auto t0 = clk::now();
   for (int i = 0; i < n; ++i) start_job(loop, sleeper(delay[std::size_t(i)], &late[std::size_t(i)], done));
@@ -210,7 +210,7 @@ job<void> round_trips(int n, long& sum) {
 
 void w3(const bench::options& o) {
   loop_thread = std::this_thread::get_id();
-  event_loop loop(2);  // two worker threads, as for every peer
+  event_loop loop(loop_options{.worker_threads = 2});  // two worker threads, as for every peer
   {
     long sum = 0;
     off_loop = 0;
@@ -245,7 +245,7 @@ job<void> precise(int n, std::chrono::milliseconds d, std::vector<double>& late_
 }
 
 void w4(const bench::options& o) {
-  event_loop loop(2);
+  event_loop loop(loop_options{.worker_threads = 2});
   std::vector<double> a, b;
   a.reserve(std::size_t(o.n.w4_short));
   b.reserve(std::size_t(o.n.w4_long));
@@ -268,7 +268,7 @@ job<void> idle(std::chrono::milliseconds d, bool& done) {
 }
 
 void w5(const bench::options& o) {
-  event_loop loop(2);
+  event_loop loop(loop_options{.worker_threads = 2});
   bool done = false;
   const auto polls0 = loop.stats().polls;
   const double cpu0 = bench::cpu_seconds();

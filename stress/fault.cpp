@@ -135,7 +135,7 @@ TEST_CASE("cancel racing completion: each of 100,000 instant threaded tasks yiel
   long results = 0, cancellations = 0, wrong = 0;
   stopwatch w;
   {
-    event_loop loop(4);
+    event_loop loop(loop_options{.worker_threads = 4});
     const long batch = 1000;
     for (long b = 0; b < n; b += batch) {
       const long end = std::min(n, b + batch);
@@ -219,7 +219,7 @@ void destroy_mid_flight(bool run_one_iteration) {
   std::vector<callback_handle> timer_handles;
   stopwatch w;
   {
-    event_loop loop(workers + 8);
+    event_loop loop(loop_options{.worker_threads = workers + 8});
     error_log errors(loop);
     for (long i = 0; i < sleepers; ++i)
       handles.push_back(start_job(loop, [](long i) -> job<int> {

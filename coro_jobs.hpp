@@ -304,9 +304,6 @@ template <class T> class job_handle;
 class event_loop {
  public:
   event_loop();
-  /// worker_threads: the most threads threaded_task may use (0: like asyncio's default,
-  /// min(32, hardware threads + 4)). Workers are started on demand.
-  explicit event_loop(std::size_t worker_threads);
   explicit event_loop(const loop_options& options);
   ~event_loop();
   event_loop(const event_loop&) = delete;
@@ -3650,11 +3647,11 @@ inline bool callback_handle::cancel() {
   n_->loop->check_thread("coro_jobs: callback_handle::cancel called from a thread that does not own the loop");
   n_->active = false;
   if (n_->is_timer) {
+    n_->on_timer = nullptr;  // free its captures now; it is not running (it was active)
     if (n_->timer_slot != detail::timer_owner::not_queued) {  // else due, queued: `active` stops it
       n_->loop->remove_timer(n_);
-      n_->unref();  // the heap's reference
+      n_->unref();  // the heap's reference (this handle holds another)
     }
-    n_->on_timer = nullptr;  // free its captures now; it is not running (it was active)
   } else {
     n_->loop->remove_fd(n_);
     n_->unref();  // the registration's reference
@@ -3663,8 +3660,6 @@ inline bool callback_handle::cancel() {
 }
 
 inline event_loop::event_loop() : event_loop(loop_options{}) {}
-inline event_loop::event_loop(std::size_t worker_threads)
-    : event_loop(loop_options{worker_threads, false}) {}
 inline event_loop::event_loop(const loop_options& o)
     : impl_(std::make_unique<detail::loop_impl>(this, o.worker_threads)) {
   impl_->manual = o.manual_clock;

@@ -5,6 +5,8 @@
 //   test/2-errors-cancellation-lifetime.cpp  errors; cancellation; lifetime; handles; bad input
 //   test/3-clock-composition-scopes.cpp      manual clock; composition; scopes; progress;
 //                                            watchdog; signals
+//   test/4-hosting-lines-processes.cpp       run_once(max_wait), run_until; the hosted loop;
+//                                            next_iteration; run_latest; line_reader; processes
 // test/helpers.hpp holds what they share. `make test` builds them in parallel and runs them.
 // This file does not include coro_jobs.hpp: doctest's runner alone takes long enough to build.
 #define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN

@@ -1,13 +1,6 @@
 // test/helpers.hpp - what every file of the specification shares (the files are listed in
 // ../test.cpp). Every wait is bounded: run_until() and drain() fail a check instead of hanging.
 #pragma once
-// GCC 12 at -O2, where it inlines more (in a file this small), reports uses after free in the
-// reference counts of callback_handle: a copy or a cancel() after another reference was
-// released, when the handle itself still holds one, so nothing was freed. A false positive
-// (ASan runs the same tests), silenced for the test files only.
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
-#pragma GCC diagnostic ignored "-Wuse-after-free"
-#endif
 #include <doctest/doctest.h>
 
 #include "allocations.hpp"

@@ -131,6 +131,9 @@
 //                     late by 0.1% of it (a 1 s sleep: 1.07 ms late; the timerfd: 55 us).
 //   4-ary heap        timers in an indexed 4-ary heap, each owner knowing its slot (cancel:
 //                     O(log n), no allocation): W2, 1.6 s against 2.0 s with a binary heap.
+//   frame room        a job's state is built in a room in front of its top frame: one
+//                     allocation and one free per job, not two. W2 (callgrind, --quick):
+//                     41.8 M instructions with it, 49.7 M without (malloc and free doubled).
 //   one-word sleep    sleep_task returns just the duration: 40 bytes less in every sleeping
 //                     frame (W2: a million of them).
 //   job_extras        name, lambda and parent behind one pointer: 56 bytes less per job (W2);
@@ -1204,9 +1207,12 @@ struct job_ctx {
     error_is = is_cancel ? fault::cancel : fault::unseen;
   }
   bool item_kept = false;  // loop_impl::withdraw_items only: its newest queued item is kept
+  bool in_room = false;    // built in the room in front of its root frame (see alloc_frame)
 
   virtual ~job_ctx() = default;
-  // Its result type's tag (type_tag<T>): what dynamic_cast would tell, without RTTI.
+  // The complete object's address (in the room: the frame's whole allocation), and its result
+  // type's tag (type_tag<T>): what dynamic_cast would tell, without RTTI (-fno-rtti builds).
+  virtual void* memory() noexcept = 0;
   virtual const void* type() const noexcept = 0;
   bool cancel() noexcept;
   // A branch's state holds a reference to its parent's: the last release of a chain of
@@ -1214,7 +1220,13 @@ struct job_ctx {
   void release() noexcept {
     for (job_ctx* j = this; j && --j->refs == 0;) {
       job_ctx* const up = j->extra.parent();
-      delete j;
+      if (!j->in_room) {
+        delete j;
+      } else {
+        void* const m = j->memory();
+        j->~job_ctx();
+        ::operator delete(m);
+      }
       j = up;
     }
   }
@@ -1243,6 +1255,7 @@ template <class T>
 struct job_state final : job_ctx {
   std::optional<T> value;
   bool taken = false;
+  void* memory() noexcept override { return this; }
   const void* type() const noexcept override { return &type_tag<T>; }
   T get() {
     rethrow_if_error();
@@ -1257,9 +1270,74 @@ struct job_state final : job_ctx {
 };
 template <>
 struct job_state<void> final : job_ctx {
+  void* memory() noexcept override { return this; }
   const void* type() const noexcept override { return &type_tag<void>; }
   void get() { rethrow_if_error(); }
 };
+
+// --- Frame memory
+// Every job frame is allocated with a room in front of it for a job_state, so start_job
+// builds the job's state there instead of allocating it: one allocation and one free per
+// job instead of two, and no second malloc header (NOTES: frame room). A child frame
+// leaves its room unused (about 128 bytes per nested frame). Once a state lives in the
+// room, the memory is
+// the state's to free when its last reference goes: it may outlive the frame (a
+// job_handle reads the result), so operator delete then leaves it alone. Frames larger
+// than room_frame_limit do not offer their room: a handle kept to a finished job must not
+// keep a big frame's memory.
+// The room ends with one word, just before the frame: the frame's address if a state may
+// be built there, plus 1 once one is. start_job checks the address, because it finds the
+// room from coroutine_handle::address(), which is the pointer operator new returned on GCC,
+// Clang and MSVC; where it is not, or the room is not offered, it allocates the state apart.
+inline constexpr std::size_t new_align = __STDCPP_DEFAULT_NEW_ALIGNMENT__;  // the frame's alignment
+inline constexpr std::size_t room_frame_limit = 512;
+
+template <class State>  // a multiple of new_align, so the frame stays aligned; 0: no room
+inline constexpr std::size_t state_room =
+    alignof(State) <= new_align && sizeof(State) <= 256
+        ? (sizeof(State) + sizeof(std::uintptr_t) + new_align - 1) / new_align * new_align
+        : 0;
+
+inline std::uintptr_t& room_word(void* frame) noexcept {
+  return *reinterpret_cast<std::uintptr_t*>(static_cast<char*>(frame) - sizeof(std::uintptr_t));
+}
+template <class State>
+void* alloc_frame(std::size_t n) {
+  constexpr std::size_t room = state_room<State>;
+  if constexpr (room == 0) {
+    return ::operator new(n);
+  } else {
+    char* const frame = static_cast<char*>(::operator new(room + n)) + room;
+    const std::uintptr_t offer = n <= room_frame_limit ? reinterpret_cast<std::uintptr_t>(frame) : 0;
+    ::new (static_cast<void*>(frame - sizeof(std::uintptr_t))) std::uintptr_t(offer);
+    return frame;
+  }
+}
+template <class State>
+void free_frame(void* frame) noexcept {
+  constexpr std::size_t room = state_room<State>;
+  if constexpr (room == 0) {
+    ::operator delete(frame);
+  } else if (!(room_word(frame) & 1)) {  // else its state frees the memory
+    room_word(frame) = 0;  // no stale address for a later frame in the same memory to match
+    ::operator delete(static_cast<char*>(frame) - room);
+  }
+}
+// Builds the job state for the frame at `frame`: in its room if it has one.
+template <class State>
+State* make_state(void* frame) {
+  constexpr std::size_t room = state_room<State>;
+  if constexpr (room != 0) {
+    std::uintptr_t& word = room_word(frame);
+    if (word == reinterpret_cast<std::uintptr_t>(frame)) {
+      State* const s = ::new (static_cast<char*>(frame) - room) State();
+      word |= 1;
+      s->in_room = true;
+      return s;
+    }
+  }
+  return new State();
+}
 
 // The branches of one when_all/when_any: jobs of their own, each reporting its end here.
 // The awaiting job waits on the group twice: first (cancellable, `parked`) until it has its
@@ -2559,6 +2637,8 @@ struct promise_base {
 template <class T>
 struct job_promise : promise_base {
   std::optional<T> value;
+  static void* operator new(std::size_t n) { return alloc_frame<job_state<T>>(n); }
+  static void operator delete(void* frame) noexcept { free_frame<job_state<T>>(frame); }
   job<T> get_return_object() noexcept {
     return access::make_job<T>(std::coroutine_handle<job_promise>::from_promise(*this));
   }
@@ -2575,6 +2655,8 @@ struct job_promise : promise_base {
 
 template <>
 struct job_promise<void> : promise_base {
+  static void* operator new(std::size_t n) { return alloc_frame<job_state<void>>(n); }
+  static void operator delete(void* frame) noexcept { free_frame<job_state<void>>(frame); }
   job<void> get_return_object() noexcept {
     return access::make_job<void>(std::coroutine_handle<job_promise>::from_promise(*this));
   }
@@ -3325,7 +3407,7 @@ job_handle<T> start_with(event_loop& loop, job<T>& j, job_extras extra) {
   l.ready.push_back({item::start, nullptr});  // filled in below
   job_state<T>* s;
   try {
-    s = new job_state<T>();
+    s = make_state<job_state<T>>(h.address());
   } catch (...) {
     l.ready.pop_back();
     throw;

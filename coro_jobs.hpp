@@ -202,7 +202,9 @@
 #include <sys/timerfd.h>
 #endif
 
-extern char** environ;
+#ifndef __GLIBC__
+extern char** environ;  // glibc's <unistd.h> declares it
+#endif
 
 namespace coro_jobs {
 
@@ -4087,8 +4089,9 @@ inline job<process> start_process(process_options o) {
                                       [&](const auto& p) { return kv.substr(0, eq) == p.first; });
     if (!replaced) env_strings.emplace_back(kv);
   }
-  for (auto& [k, v] : o.env) env_strings.push_back(k + "=" + v);
+  for (auto& [k, v] : o.env) env_strings.push_back(std::string(k).append("=").append(v));
   std::vector<char*> envp;
+  envp.reserve(env_strings.size() + 1);
   for (auto& e : env_strings) envp.push_back(e.data());
   envp.push_back(nullptr);
   pid_t pid = -1;
@@ -4171,7 +4174,7 @@ inline job<exit_status> process::wait() {
 }
 
 inline job<std::optional<std::string>> line_reader::next_line() {
-  constexpr std::size_t chunk = 64 * 1024;
+  constexpr std::size_t chunk = std::size_t(64) * 1024;
   for (;;) {
     const std::size_t nl = buf_.find('\n', start_ + scanned_);
     if ((nl == std::string::npos ? buf_.size() : nl) - start_ > max_)

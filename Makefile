@@ -5,12 +5,17 @@ BUILD    ?= build
 WARN     := -Wall -Wextra -Wpedantic -Werror
 REQUIRED := -std=c++20 -I. -pthread
 
-.PHONY: all run test nodiscard stress bench bench-build asan tsan stress-asan stress-tsan warnings deps clean
+.PHONY: all run demo-tty-check test nodiscard stress bench bench-build asan tsan stress-asan stress-tsan warnings deps clean
 
 all: $(BUILD)/demo $(BUILD)/test
 
 run: $(BUILD)/demo
 	./$(BUILD)/demo
+
+# The demo's --interactive mode driven through a pseudo-terminal: keys, q, Ctrl-C, SIGTERM,
+# and the terminal's modes restored after each (tools/demo_pty_check.py says what it checks).
+demo-tty-check: $(BUILD)/demo
+	python3 tools/demo_pty_check.py ./$(BUILD)/demo
 
 # Builds in parallel even when typed as plain `make test`: JOBS compiles at once (JOBS=1 for
 # a serial build); under `make -jN` the sub-make shares the caller's job slots instead.

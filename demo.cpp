@@ -22,6 +22,11 @@
 // On a terminal the window is redrawn in place; otherwise (`./build/demo | cat`) each event
 // is printed as one line, with a status line every second. The script ends after ~6.5 s.
 //
+// `./build/demo --interactive` leaves the clicking to a person: each button has a key, shown
+// in the window, read from the terminal in raw mode by a job that co_awaits wait_readable on
+// stdin. `q` (or Ctrl-C, or Ctrl-D) closes the window; the terminal is restored on every way
+// out, a SIGTERM or SIGHUP included.
+//
 // To add a scene: write its job and its on_* function, add them to `row_order` and `buttons`,
 // and add its clicks to `script`.
 
@@ -40,6 +45,11 @@
 #include <utility>
 #include <vector>
 
+#include <cerrno>
+#include <csignal>
+#include <cstring>
+
+#include <termios.h>
 #include <unistd.h>
 
 using namespace coro_jobs;
@@ -124,6 +134,9 @@ struct window {
   void draw();
 };
 
+// The buttons and their keys, as lines that fit the window; defined with the buttons below.
+std::vector<std::string> keys_lines();
+
 // Every job of the window runs inside this one, which notes in the window when the job is
 // unwound by the window's close: that is how close() can show that its jobs had finished
 // unwinding (catch blocks run, frames destroyed) before cancel_all() returned.
@@ -194,9 +207,11 @@ void window::draw() {
     lines.push_back(
         format(" %-13s %s  %s", r.name.c_str(), bar(r.percent).c_str(), r.status.c_str()));
   lines.push_back(std::string(78, '-'));
+  for (auto& k : keys_lines()) lines.push_back(std::move(k));
+  lines.push_back(std::string(78, '-'));
   for (std::size_t i = log.size() < 5 ? 0 : log.size() - 5; i < log.size(); ++i)
     lines.push_back(" " + log[i]);
-  while (lines.size() < rows.size() + 9) lines.emplace_back();  // fixed height: the log fills up
+  while (lines.size() < rows.size() + 12) lines.emplace_back();  // fixed height: the log fills up
 
   // Move up over the previous frame and overwrite it line by line, clearing each. A line
   // longer than the terminal would wrap and throw the count off, so lines are clipped.
@@ -349,16 +364,35 @@ std::string on_yes(window& w) {
   return "dialog answered";
 }
 
+std::string on_no(window& w) {
+  if (!w.dialog) return "no dialog open";
+  (*std::exchange(w.dialog, std::nullopt))(false);
+  return "dialog answered";
+}
+
+// Each button has a key, for --interactive; the window shows them.
 struct button {
   std::string_view name;
+  char key;
   std::string (*on_click)(window&);
 };
 const button buttons[] = {
-    {"Download", on_download}, {"Convert", on_convert},   {"Sleep", on_sleep},
-    {"Fetch", on_fetch},       {"Save", on_save},         {"Cancel", on_cancel},
-    {"Yes", on_yes},           {"Ping", on_ping},         {"Freeze", on_freeze},
-    {"Download both", on_download_both},                  {"Close window", on_close},
+    {"Download", 'd', on_download},       {"Convert", 'c', on_convert}, {"Sleep", 's', on_sleep},
+    {"Fetch", 'f', on_fetch},             {"Save", 'v', on_save},       {"Cancel", 'x', on_cancel},
+    {"Yes", 'y', on_yes},                 {"No", 'n', on_no},           {"Ping", 'p', on_ping},
+    {"Freeze", 'z', on_freeze},           {"Download both", 'b', on_download_both},
+    {"Close window", 'q', on_close},
 };
+
+std::vector<std::string> keys_lines() {
+  std::vector<std::string> lines(1, " keys:");
+  for (const button& b : buttons) {
+    std::string k = format("  %c %.*s", b.key, int(b.name.size()), b.name.data());
+    if (lines.back().size() + k.size() > 78) lines.emplace_back("      ");
+    lines.back() += k;
+  }
+  return lines;
+}
 // The window's rows, top to bottom (a.iso and b.iso are Download both's two bars).
 const std::string_view row_order[] = {"Download", "Convert", "Sleep",         "Fetch", "Save",
                                       "Ping",     "Freeze",  "Download both", "a.iso", "b.iso"};
@@ -384,9 +418,72 @@ void press(window& w, std::string_view name) {
   w.event(format("click %.*s -> %s", int(name.size()), name.data(), what.c_str()));
 }
 
-}  // namespace
+// --- --interactive: a person presses the keys -----------------------------------------------
 
-int main() {
+// The terminal in raw mode while it lives: each key arrives at once, unechoed, and Ctrl-C is
+// a key (ISIG off) rather than a signal, so it closes the window like `q` and the jobs unwind.
+// The destructor restores the terminal on a normal return or an exception; a SIGTERM or SIGHUP
+// restores it in the handler (tcsetattr is async-signal-safe) and then ends the program as
+// that signal would.
+class raw_terminal {
+ public:
+  explicit raw_terminal(int fd) : fd_(fd) {
+    if (::tcgetattr(fd_, &saved_) != 0) throw std::runtime_error("stdin is not a terminal");
+    termios raw = saved_;
+    raw.c_lflag &= ~tcflag_t(ICANON | ECHO | ISIG | IEXTEN);
+    raw.c_iflag &= ~tcflag_t(IXON | ICRNL);
+    raw.c_cc[VMIN] = 1;
+    raw.c_cc[VTIME] = 0;
+    active_ = this;
+    for (int sig : {SIGTERM, SIGHUP}) std::signal(sig, on_signal);
+    ::tcsetattr(fd_, TCSAFLUSH, &raw);
+  }
+  ~raw_terminal() {
+    show_cursor();
+    ::tcsetattr(fd_, TCSAFLUSH, &saved_);
+    for (int sig : {SIGTERM, SIGHUP}) std::signal(sig, SIG_DFL);
+    active_ = nullptr;
+  }
+  raw_terminal(const raw_terminal&) = delete;
+  raw_terminal& operator=(const raw_terminal&) = delete;
+
+ private:
+  // The window hides the cursor while it redraws; write() is async-signal-safe, printf is not.
+  static void show_cursor() { [[maybe_unused]] auto n = ::write(STDOUT_FILENO, "\x1b[?25h", 6); }
+  static void on_signal(int sig) {
+    show_cursor();
+    if (active_) ::tcsetattr(active_->fd_, TCSANOW, &active_->saved_);
+    std::signal(sig, SIG_DFL);
+    std::raise(sig);
+  }
+  static inline raw_terminal* active_ = nullptr;
+  int fd_;
+  termios saved_{};
+};
+
+// Reads keys while the window is open: one co_await per burst of keys, no thread, no polling.
+// Close window is posted rather than pressed here: closing cancels every job of the window's
+// scope, this one included, and is better done from outside any of them.
+job<> keyboard(window& w) {
+  for (;;) {
+    co_await wait_readable(STDIN_FILENO);
+    char keys[64];
+    const ssize_t n = ::read(STDIN_FILENO, keys, sizeof keys);
+    if (n < 0 && errno == EINTR) continue;
+    for (ssize_t i = 0; i < (n > 0 ? n : 1); ++i) {
+      const char key = n > 0 ? keys[i] : 'q';  // end of input (or an error) closes the window
+      const bool quit = key == 'q' || key == 3 || key == 4;  // q, Ctrl-C, Ctrl-D
+      if (quit) {
+        w.loop.post([&w] { press(w, "Close window"); });
+        co_return;
+      }
+      for (const button& b : buttons)
+        if (b.key == key) press(w, b.name);
+    }
+  }
+}
+
+void run(bool interactive) {
   event_loop loop;
   // Made after the loop, so destroyed before it, as its job_scope must be; the scope's jobs
   // refer to the window, and closing it (the last click) has ended them all.
@@ -400,7 +497,10 @@ int main() {
                    static_cast<long long>(ms)));
   });
 
-  for (const click& c : script) loop.call_later(c.at, [&w, c] { press(w, c.button); });
+  if (interactive)
+    w.scope.start(keyboard(w), "keyboard");
+  else
+    for (const click& c : script) loop.call_later(c.at, [&w, c] { press(w, c.button); });
   // The heartbeat never ends: it belongs to the window, and Close window ends it with the rest.
   w.scope.start(tracked(w, "heartbeat", nullptr, heartbeat(w)), "heartbeat");
 
@@ -422,5 +522,30 @@ int main() {
     } catch (const std::exception& e) {
       std::printf("  %-13s failed: %s\n", h.name().data(), e.what());
     }
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const bool interactive = argc == 2 && std::strcmp(argv[1], "--interactive") == 0;
+  if (argc > 1 && !interactive) {
+    std::fprintf(stderr, "usage: %s [--interactive]\n", argv[0]);
+    return 2;
+  }
+  if (interactive && (!::isatty(STDIN_FILENO) || !::isatty(STDOUT_FILENO))) {
+    std::fprintf(stderr, "demo: --interactive needs a terminal on stdin and stdout\n");
+    return 2;
+  }
+  // Made before the loop, so restored after everything; the catch makes sure the stack is
+  // unwound (and the terminal restored) when something throws.
+  std::optional<raw_terminal> raw;
+  try {
+    if (interactive) raw.emplace(STDIN_FILENO);
+    run(interactive);
+  } catch (const std::exception& e) {
+    raw.reset();
+    std::fprintf(stderr, "demo: %s\n", e.what());
+    return 1;
   }
 }

@@ -5,7 +5,7 @@ BUILD    ?= build
 WARN     := -Wall -Wextra -Wpedantic -Werror
 REQUIRED := -std=c++20 -I. -pthread
 
-.PHONY: all run demo-tty-check test nodiscard stress bench bench-build asan tsan stress-asan stress-tsan warnings deps clean
+.PHONY: all run demo-tty-check format check-format test nodiscard stress bench bench-build asan tsan stress-asan stress-tsan warnings deps clean
 
 all: $(BUILD)/demo $(BUILD)/test
 
@@ -204,6 +204,19 @@ check-version:
 	if [ -n "$(VERSION)" ] && [ "$(VERSION)" = "$$c" ] && [ "$(VERSION)" = "$$m" ]; then \
 	  echo "check-version: $(VERSION) in coro_jobs.hpp, CHANGELOG.md and CMakeLists.txt"; \
 	else echo "check-version: coro_jobs.hpp '$(VERSION)', CHANGELOG.md '$$c', CMakeLists.txt '$$m'"; exit 1; fi
+
+# `make format` formats every source file with .clang-format; `make check-format` (CI) lists
+# the files that differ from it and fails. clang-format 16, as its output differs from 14's.
+CLANG_FORMAT ?= clang-format-16
+FORMAT_SRC := $(wildcard *.hpp *.cpp hosts/*.hpp hosts/*.cpp test/*.hpp test/*.cpp tests/*.cpp \
+  bench/*.hpp bench/*.cpp stress/*.hpp stress/*.cpp)
+format:
+	$(CLANG_FORMAT) -i $(FORMAT_SRC)
+check-format:
+	@command -v $(CLANG_FORMAT) >/dev/null || { echo "$(CLANG_FORMAT) is missing: apt-get install clang-format-16"; exit 1; }
+	@bad=""; for f in $(FORMAT_SRC); do $(CLANG_FORMAT) $$f | cmp -s - $$f || bad="$$bad $$f"; done; \
+	if [ -n "$$bad" ]; then echo "not formatted by .clang-format (run make format):$$bad"; exit 1; fi; \
+	echo "check-format: $(words $(FORMAT_SRC)) files formatted by .clang-format"
 
 # `make tidy`: clang-tidy with .clang-tidy's checks on the header, through tests/tidy.cpp.
 CLANG_TIDY ?= clang-tidy

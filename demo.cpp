@@ -89,7 +89,7 @@ struct window {
   steady_clock::time_point t0 = steady_clock::now();
   std::deque<row> rows;  // a deque, because jobs hold references to rows as rows are added
   std::vector<std::string> log;
-  std::vector<job_handle<>> jobs;  // every job a click started, for Cancel and the summary
+  std::vector<job_handle<>> jobs;           // every job a click started, for Cancel and the summary
   std::optional<task_return<bool>> dialog;  // set while the Save dialog waits for an answer
   std::optional<task_return<>> pong;        // set while Ping waits for a reply
   bool closing = false;
@@ -140,8 +140,7 @@ std::vector<std::string> keys_lines();
 // Every job of the window runs inside this one, which notes in the window when the job is
 // unwound by the window's close: that is how close() can show that its jobs had finished
 // unwinding (catch blocks run, frames destroyed) before cancel_all() returned.
-template <class T>
-job<> tracked(window& w, std::string name, row* r, job<T> body) {
+template <class T> job<> tracked(window& w, std::string name, row* r, job<T> body) {
   try {
     co_await std::move(body);
   } catch (const job_cancelled&) {
@@ -153,12 +152,11 @@ job<> tracked(window& w, std::string name, row* r, job<T> body) {
   }
 }
 
-template <class Body>
-std::string window::start(std::string_view name, Body body, restart policy) {
+template <class Body> std::string window::start(std::string_view name, Body body, restart policy) {
   row& r = at(name);
   const std::size_t live = scope.size();
-  auto h = scope.start(tracked(*this, std::string(name), &r, body(*this, r)), std::string(name),
-                       policy);
+  auto h =
+      scope.start(tracked(*this, std::string(name), &r, body(*this, r)), std::string(name), policy);
   if (scope.size() == live) return "ignored: " + std::string(name) + " is still running";
   r.status = "started";
   jobs.push_back(std::move(h));
@@ -192,7 +190,8 @@ std::string bar(int percent) {
 void window::draw() {
   if (!tty) {  // a pipe gets a status line a second, enough to see the clock never stopped
     if (ticks % 10 != 0) return;
-    std::string s = format("[%.2fs] status: tick %d, %d job(s) running", seconds(), ticks, running());
+    std::string s =
+        format("[%.2fs] status: tick %d, %d job(s) running", seconds(), ticks, running());
     for (const row& r : rows)
       if (r.percent >= 0) s += format(", %s %d%%", r.name.c_str(), r.percent);
     std::printf("%s\n", s.c_str());
@@ -306,7 +305,7 @@ job<> ping(window& w, row& r) {
   const auto t0 = steady_clock::now();
   try {
     co_await with_timeout(500ms, callback_task<void>([&w](task_return<> reply) {
-                            w.pong = std::move(reply);  // nobody will ever call it
+                            w.pong = std::move(reply);        // nobody will ever call it
                             return [&w] { w.pong.reset(); };  // the timeout cancels the wait
                           }));
     w.say(r, "pong");
@@ -377,10 +376,17 @@ struct button {
   std::string (*on_click)(window&);
 };
 const button buttons[] = {
-    {"Download", 'd', on_download},       {"Convert", 'c', on_convert}, {"Sleep", 's', on_sleep},
-    {"Fetch", 'f', on_fetch},             {"Save", 'v', on_save},       {"Cancel", 'x', on_cancel},
-    {"Yes", 'y', on_yes},                 {"No", 'n', on_no},           {"Ping", 'p', on_ping},
-    {"Freeze", 'z', on_freeze},           {"Download both", 'b', on_download_both},
+    {"Download", 'd', on_download},
+    {"Convert", 'c', on_convert},
+    {"Sleep", 's', on_sleep},
+    {"Fetch", 'f', on_fetch},
+    {"Save", 'v', on_save},
+    {"Cancel", 'x', on_cancel},
+    {"Yes", 'y', on_yes},
+    {"No", 'n', on_no},
+    {"Ping", 'p', on_ping},
+    {"Freeze", 'z', on_freeze},
+    {"Download both", 'b', on_download_both},
     {"Close window", 'q', on_close},
 };
 
@@ -404,11 +410,11 @@ struct click {
   std::string_view button;
 };
 const click script[] = {
-    {300ms, "Download"},       {800ms, "Convert"},       {1300ms, "Sleep"},
-    {1800ms, "Fetch"},         {2300ms, "Cancel"},       {2600ms, "Ping"},
-    {2800ms, "Ping"},          {3400ms, "Freeze"},       {3700ms, "Save"},
-    {4400ms, "Yes"},           {4700ms, "Download both"}, {5100ms, "Ping"},  // the first ended
-    {5400ms, "Sleep"},         {6500ms, "Close window"},  // the last click: the app quits
+    {300ms, "Download"}, {800ms, "Convert"},        {1300ms, "Sleep"},
+    {1800ms, "Fetch"},   {2300ms, "Cancel"},        {2600ms, "Ping"},
+    {2800ms, "Ping"},    {3400ms, "Freeze"},        {3700ms, "Save"},
+    {4400ms, "Yes"},     {4700ms, "Download both"}, {5100ms, "Ping"},  // the first ended
+    {5400ms, "Sleep"},   {6500ms, "Close window"},  // the last click: the app quits
 };
 
 void press(window& w, std::string_view name) {

@@ -90,8 +90,7 @@ inline std::vector<int> delays(int n, int max_ms) {
 }
 
 // The q-quantile (0..1) of v, which it reorders.
-template <class T>
-double quantile(std::vector<T>& v, double q) {
+template <class T> double quantile(std::vector<T>& v, double q) {
   if (v.empty()) return 0;
   auto k = std::size_t(q * double(v.size() - 1) + 0.5);
   std::nth_element(v.begin(), v.begin() + std::ptrdiff_t(k), v.end());
@@ -161,8 +160,7 @@ inline void report_w5(double cpu_s, long blocking_waits, long ctx_switches) {
 }
 
 // Every program's main: the workloads W1..W5 that --only selects, in order.
-template <class... W>
-int run_workloads(int argc, char** argv, W... w) {
+template <class... W> int run_workloads(int argc, char** argv, W... w) {
   const auto o = parse(argc, argv);
   int i = 0;
   ((++i, o.want(("W" + std::to_string(i)).c_str()) ? w(o) : void()), ...);

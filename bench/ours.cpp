@@ -94,7 +94,8 @@ job<void> sleeper(int ms, float* late_ms, long& done) {
   const auto t0 = clk::now();
   co_await sleep_task(std::chrono::milliseconds(ms));
   const auto t1 = clk::now();
-  *late_ms = std::chrono::duration<float, std::milli>(t1 - t0 - std::chrono::milliseconds(ms)).count();
+  *late_ms =
+      std::chrono::duration<float, std::milli>(t1 - t0 - std::chrono::milliseconds(ms)).count();
   ++done;
 }
 
@@ -105,8 +106,7 @@ job<void> sleeper(int ms, float* late_ms, long& done) {
 // awaiters do not really suspend (await_suspend returns false), so each body runs through.
 std::size_t last_frame = 0;  // what the last floor frame asked operator new for
 
-template <class State, class Await>
-struct floor_task {
+template <class State, class Await> struct floor_task {
   struct promise_type {
     [[no_unique_address]] State state;
     static void* operator new(std::size_t n) {
@@ -114,7 +114,9 @@ struct floor_task {
       return ::operator new(n);
     }
     static void operator delete(void* p) noexcept { ::operator delete(p); }
-    floor_task get_return_object() { return {std::coroutine_handle<promise_type>::from_promise(*this)}; }
+    floor_task get_return_object() {
+      return {std::coroutine_handle<promise_type>::from_promise(*this)};
+    }
     std::suspend_never initial_suspend() noexcept { return {}; }
     std::suspend_always final_suspend() noexcept { return {}; }
     void return_void() {}
@@ -144,14 +146,14 @@ struct cancellable {  // and the job to resume and the timer to withdraw
 };
 // Not inlined, or clang would elide the very allocation being measured.
 template <class State, class Await>
-[[gnu::noinline]] floor_task<State, Await> floor_body(int ms, float* late_ms, long& done) {  // as sleeper()
+[[gnu::noinline]] floor_task<State, Await> floor_body(int ms, float* late_ms,
+                                                      long& done) {  // as sleeper()
   const auto t0 = clk::now();
   co_await Await(ms);
   *late_ms = std::chrono::duration<float, std::milli>(clk::now() - t0).count();
   ++done;
 }
-template <class State, class Await>
-std::size_t floor_frame() {
+template <class State, class Await> std::size_t floor_frame() {
   float late = 0;
   long done = 0;
   floor_body<State, Await>(1, &late, done).h.destroy();
@@ -163,7 +165,8 @@ job<void> sleeper(int ms, float* late_ms, long& done);
 
 void w2_floor() {
   bench::result("W2", "floor_frame_bytes", double(floor_frame<no_state, one_word>()));
-  bench::result("W2", "floor_cancellable_frame_bytes", double(floor_frame<job_link, cancellable>()));
+  bench::result("W2", "floor_cancellable_frame_bytes",
+                double(floor_frame<job_link, cancellable>()));
   event_loop loop;
   float late = 0;
   long done = 0;
@@ -182,12 +185,14 @@ void w2(const bench::options& o) {
   w2_floor();
   const int n = o.n.w2_jobs;
   const auto delay = bench::delays(n, o.n.w2_max_ms);
-  std::vector<float> late(static_cast<std::size_t>(n), -1e9f);  // touched now, so not counted as growth
+  std::vector<float> late(static_cast<std::size_t>(n),
+                          -1e9f);  // touched now, so not counted as growth
   long done = 0;
   event_loop loop(loop_options{.worker_threads = 2});
   const long rss0 = bench::peak_rss();
   const auto t0 = clk::now();
-  for (int i = 0; i < n; ++i) start_job(loop, sleeper(delay[std::size_t(i)], &late[std::size_t(i)], done));
+  for (int i = 0; i < n; ++i)
+    start_job(loop, sleeper(delay[std::size_t(i)], &late[std::size_t(i)], done));
   loop.run();
   const auto t1 = clk::now();
   const long rss1 = bench::peak_rss();
@@ -218,7 +223,8 @@ void w3(const bench::options& o) {
     start_job(loop, round_trips(o.n.w3_seq, sum));
     loop.run();
     const auto t1 = clk::now();
-    bench::check(sum == o.n.w3_seq && off_loop == o.n.w3_seq, "W3", "sequential: wrong count or thread");
+    bench::check(sum == o.n.w3_seq && off_loop == o.n.w3_seq, "W3",
+                 "sequential: wrong count or thread");
     bench::result("W3", "seq_us_per_trip", bench::seconds(t1 - t0) * 1e6 / o.n.w3_seq);
   }
   {
@@ -253,9 +259,11 @@ void w4(const bench::options& o) {
   loop.run();
   start_job(loop, precise(o.n.w4_long, 10ms, b));
   loop.run();
-  bench::check(int(a.size()) == o.n.w4_short && int(b.size()) == o.n.w4_long, "W4", "missing sleeps");
-  bench::check(*std::min_element(a.begin(), a.end()) >= 0 && *std::min_element(b.begin(), b.end()) >= 0,
-               "W4", "a sleep ended early");
+  bench::check(int(a.size()) == o.n.w4_short && int(b.size()) == o.n.w4_long, "W4",
+               "missing sleeps");
+  bench::check(
+      *std::min_element(a.begin(), a.end()) >= 0 && *std::min_element(b.begin(), b.end()) >= 0,
+      "W4", "a sleep ended early");
   bench::report_lateness_us("W4", "1ms", a);
   bench::report_lateness_us("W4", "10ms", b);
 }

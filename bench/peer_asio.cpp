@@ -54,7 +54,8 @@ awaitable<void> sleeper(int ms, float* late_ms, long& done) {
   asio::steady_timer t(co_await asio::this_coro::executor, std::chrono::milliseconds(ms));
   co_await t.async_wait(use_awaitable);
   const auto t1 = clk::now();
-  *late_ms = std::chrono::duration<float, std::milli>(t1 - t0 - std::chrono::milliseconds(ms)).count();
+  *late_ms =
+      std::chrono::duration<float, std::milli>(t1 - t0 - std::chrono::milliseconds(ms)).count();
   ++done;
 }
 
@@ -84,18 +85,17 @@ using bench::trivial;
 // co_await on_pool(pool, x, use_awaitable): trivial(x) runs on the pool; the completion is
 // posted back to the awaiting coroutine's executor (the io_context), which a work guard
 // keeps alive meanwhile.
-template <class Token>
-auto on_pool(asio::thread_pool& pool, int x, Token&& token) {
+template <class Token> auto on_pool(asio::thread_pool& pool, int x, Token&& token) {
   return asio::async_initiate<Token, void(int)>(
       [&pool, x](auto handler) {
-        auto ex = asio::get_associated_executor(handler);
-        auto work = asio::make_work_guard(ex);
-        asio::post(pool, [handler = std::move(handler), work = std::move(work), x]() mutable {
-          const int r = trivial(x);
-          auto home = work.get_executor();
-          asio::post(home, [handler = std::move(handler), r]() mutable { std::move(handler)(r); });
-          work.reset();
-        });
+    auto ex = asio::get_associated_executor(handler);
+    auto work = asio::make_work_guard(ex);
+    asio::post(pool, [handler = std::move(handler), work = std::move(work), x]() mutable {
+      const int r = trivial(x);
+      auto home = work.get_executor();
+      asio::post(home, [handler = std::move(handler), r]() mutable { std::move(handler)(r); });
+      work.reset();
+    });
       },
       token);
 }
@@ -118,7 +118,8 @@ void w3(const bench::options& o) {
     asio::co_spawn(io, round_trips(pool, o.n.w3_seq, sum), asio::detached);
     io.run();
     const auto t1 = clk::now();
-    bench::check(sum == o.n.w3_seq && off_loop == o.n.w3_seq, "W3", "sequential: wrong count or thread");
+    bench::check(sum == o.n.w3_seq && off_loop == o.n.w3_seq, "W3",
+                 "sequential: wrong count or thread");
     bench::result("W3", "seq_us_per_trip", bench::seconds(t1 - t0) * 1e6 / o.n.w3_seq);
   }
   {
@@ -163,7 +164,8 @@ void w4(const bench::options& o) {
     asio::co_spawn(io, precise(o.n.w4_long, std::chrono::milliseconds(10), b), asio::detached);
     io.run();
   }
-  bench::check(int(a.size()) == o.n.w4_short && int(b.size()) == o.n.w4_long, "W4", "missing sleeps");
+  bench::check(int(a.size()) == o.n.w4_short && int(b.size()) == o.n.w4_long, "W4",
+               "missing sleeps");
   bench::report_lateness_us("W4", "1ms", a);
   bench::report_lateness_us("W4", "10ms", b);
 }

@@ -69,7 +69,9 @@ struct sleeper {
 gboolean sleeper_fired(gpointer p) {
   auto* s = static_cast<sleeper*>(p);
   const auto t1 = clk::now();
-  *s->late_ms = std::chrono::duration<float, std::milli>(t1 - s->t0 - std::chrono::milliseconds(s->ms)).count();
+  *s->late_ms =
+      std::chrono::duration<float, std::milli>(t1 - s->t0 - std::chrono::milliseconds(s->ms))
+          .count();
   if (--*s->left == 0) g_main_loop_quit(main_loop);
   delete s;
   return G_SOURCE_REMOVE;
@@ -85,7 +87,8 @@ void w2(const bench::options& o) {
   const auto t0 = clk::now();
   for (int i = 0; i < n; ++i) {
     const int ms = delay[std::size_t(i)];
-    g_timeout_add(guint(ms), sleeper_fired, new sleeper{clk::now(), ms, &late[std::size_t(i)], &left});
+    g_timeout_add(guint(ms), sleeper_fired,
+                  new sleeper{clk::now(), ms, &late[std::size_t(i)], &left});
   }
   g_main_loop_run(main_loop);
   const auto t1 = clk::now();
@@ -171,8 +174,9 @@ struct precise {
 
 gboolean precise_fired(gpointer p) {
   auto* s = static_cast<precise*>(p);
-  s->late_us->push_back(
-      std::chrono::duration<double, std::micro>(clk::now() - s->t0 - std::chrono::milliseconds(s->ms)).count());
+  s->late_us->push_back(std::chrono::duration<double, std::micro>(clk::now() - s->t0 -
+                                                                  std::chrono::milliseconds(s->ms))
+                            .count());
   if (--s->left == 0) {
     g_main_loop_quit(main_loop);
   } else {
@@ -194,7 +198,8 @@ void w4(const bench::options& o) {
   b.reserve(std::size_t(o.n.w4_long));
   sleeps(o.n.w4_short, 1, a);
   sleeps(o.n.w4_long, 10, b);
-  bench::check(int(a.size()) == o.n.w4_short && int(b.size()) == o.n.w4_long, "W4", "missing sleeps");
+  bench::check(int(a.size()) == o.n.w4_short && int(b.size()) == o.n.w4_long, "W4",
+               "missing sleeps");
   bench::report_lateness_us("W4", "1ms", a);
   bench::report_lateness_us("W4", "10ms", b);
 }

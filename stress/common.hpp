@@ -69,7 +69,9 @@ inline constexpr bool optimized = false;
 
 // "plain", "asan" or "tsan", and " -O0" when built without optimisation.
 inline std::string build_label() {
-  return std::string(asan ? "asan" : tsan ? "tsan" : "plain") + (optimized ? "" : " -O0");
+  return std::string(asan ? "asan" : tsan ? "tsan"
+                                          : "plain") +
+         (optimized ? "" : " -O0");
 }
 
 // A size for this build: `plain` normally, smaller under a sanitizer. STRESS_SCALE (a
@@ -83,7 +85,8 @@ inline double env_scale() {
   return s;
 }
 inline long sized(long plain, long under_asan, long under_tsan) {
-  const long n = asan ? under_asan : tsan ? under_tsan : plain;
+  const long n = asan ? under_asan : tsan ? under_tsan
+                                          : plain;
   return std::max(1L, static_cast<long>(static_cast<double>(n) * env_scale()));
 }
 
@@ -241,7 +244,7 @@ struct stopwatch {
 };
 
 // Prints one line per case: its sizes and how long it took, so runs can be compared.
-#define STRESS_REPORT(sizes, watch)                                                          \
+#define STRESS_REPORT(sizes, watch)                               \
   MESSAGE("[" << ::stress::build_label() << "] " << sizes << ": " \
               << static_cast<long>((watch).ms()) << " ms")
 

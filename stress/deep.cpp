@@ -193,7 +193,8 @@ int nested_timeouts_child() {
     job<int> j = wait_for_return(ret);
     for (int i = 0; i < n; ++i) j = with_timeout(1h, std::move(j));
     auto h = start_job(loop, std::move(j), "top");
-    if (!run_until(loop, [&] { return ret.has_value(); }, 60s)) return;
+    if (!run_until(
+            loop, [&] { return ret.has_value(); }, 60s)) return;
     per_level = (heap_in_use() - before) / std::size_t(n);
     (*ret)(7);
     ret.reset();
@@ -221,7 +222,8 @@ int cancel_nested_when_all(const char* what, bool by_scope) {
     bool waiting = false;
     auto h = by_scope ? scope.start(nested_when_all(n, waiting), "top")
                       : start_job(loop, nested_when_all(n, waiting), "top");
-    if (!run_until(loop, [&] { return waiting; }, 60s)) return;
+    if (!run_until(
+            loop, [&] { return waiting; }, 60s)) return;
     live_while_waiting = live_frame::live;
     if (by_scope) {
       scope.cancel_all();
@@ -254,7 +256,8 @@ int destroy_nested_when_all_child() {
     event_loop loop;
     bool waiting = false;
     start_job(loop, nested_when_all(n, waiting));
-    if (!run_until(loop, [&] { return waiting; }, 60s)) return;
+    if (!run_until(
+            loop, [&] { return waiting; }, 60s)) return;
     live_before = live_frame::live;
   });
   return report("destroy-nested-when-all", live_before == n + 1 && live_frame::live == 0,

@@ -77,11 +77,13 @@ TEST_CASE("cancelling a job at every suspension point of every task kind ends it
       int point = 0, cancellers = 0;
       raii_counts rc;
       auto h = start_job(loop, every_kind(loop, point, rc, p.r, cancellers));
-      if (k > 0) REQUIRE(run_until(loop, [&] { return point >= k; }, 10s));
+      if (k > 0) REQUIRE(run_until(
+          loop, [&] { return point >= k; }, 10s));
       CHECK(point == k);
       const bool cancelled = h.cancel();
       CHECK(cancelled == (k < every_kind_points));
-      CHECK(run_until(loop, [&] { return h.done(); }, 10s));
+      CHECK(run_until(
+          loop, [&] { return h.done(); }, 10s));
       CHECK(drain(loop));
       if (k < every_kind_points) {
         CHECK_THROWS_AS(h.result(), job_cancelled);
@@ -90,7 +92,8 @@ TEST_CASE("cancelling a job at every suspension point of every task kind ends it
       }
       CHECK(point == k);
       CHECK(rc.made == rc.destroyed);
-      CHECK(rc.made == (k == 0 ? 0 : k >= 5 ? 2 : 1));
+      CHECK(rc.made == (k == 0 ? 0 : k >= 5 ? 2
+                                            : 1));
       CHECK(cancellers == (k == 3 ? 1 : 0));
       CHECK(all_zero(loop.stats()));
       INFO(to_string(loop.stats()));
@@ -165,11 +168,13 @@ TEST_CASE("cancel racing completion: each of 100,000 instant threaded tasks yiel
         loop.run_once();
         if (rng() % 2) std::this_thread::yield();  // let workers get ahead, sometimes
       }
-      CHECK(run_until(loop, [&] {
-        for (auto& h : hs)
-          if (!h.done()) return false;
-        return true;
-      }, 60s));
+      CHECK(run_until(
+          loop, [&] {
+            for (auto& h : hs)
+              if (!h.done()) return false;
+            return true;
+          },
+          60s));
     }
     CHECK(drain(loop, 60s));
     CHECK(all_zero(loop.stats()));
@@ -268,7 +273,7 @@ void destroy_mid_flight(bool run_one_iteration) {
     }
     CHECK(errors.names.empty());
   }
-  CHECK(live_frame::live == 0);  // no frame outlives its loop
+  CHECK(live_frame::live == 0);        // no frame outlives its loop
   CHECK(fc.posted_alive.load() == 0);  // queued posts are dropped with it
   long not_cancelled = 0;
   for (auto& h : handles) {
@@ -368,10 +373,12 @@ TEST_CASE("extreme and negative durations saturate: the smallest resume on the n
   loop.call_later(-1h, [&] { ++cl_soon; });
   auto h1 = loop.call_later(std::chrono::hours::max(), [&] { ++cl_never; });
   auto h2 = loop.call_later(std::chrono::duration<double>(1e300), [&] { ++cl_never; });
-  CHECK(run_until(loop, [&] { return soon == 7 && cl_soon == 2; }, 10s));
+  CHECK(run_until(
+      loop, [&] { return soon == 7 && cl_soon == 2; }, 10s));
   bool later = false;  // let 20 ms pass: nothing "never" may fire meanwhile
   loop.call_later(20ms, [&] { later = true; });
-  CHECK(run_until(loop, [&] { return later; }, 10s));
+  CHECK(run_until(
+      loop, [&] { return later; }, 10s));
   CHECK(never == 0);
   CHECK(cl_never == 0);
   CHECK(loop.stats().timers == big.size() + 2);
@@ -420,7 +427,8 @@ TEST_CASE("bad fds (-1, closed, closed while waited on) fail with EBADF and neve
   start_job(loop, wait_on(-12345, false));
   start_job(loop, wait_on(closed_fd, false));
   start_job(loop, wait_on(1 << 30, true));
-  CHECK(run_until(loop, [&] { return codes.size() == 5; }, 10s));
+  CHECK(run_until(
+      loop, [&] { return codes.size() == 5; }, 10s));
   CHECK(codes == std::vector<int>(5, EBADF));
   CHECK(ebadf_of([&] { loop.watch(-1, POLLIN, [](short) {}); }) == EBADF);
   CHECK(ebadf_of([&] { loop.watch(closed_fd, POLLIN, [](short) {}); }) == EBADF);
@@ -445,7 +453,8 @@ TEST_CASE("bad fds (-1, closed, closed while waited on) fail with EBADF and neve
     p->r = -1;
   }
   const auto polls0 = loop.stats().polls;
-  CHECK(run_until(loop, [&] { return codes.size() == 20 && nval == 20; }, 10s));
+  CHECK(run_until(
+      loop, [&] { return codes.size() == 20 && nval == 20; }, 10s));
   CHECK(drain(loop));
   CHECK(codes == std::vector<int>(20, EBADF));
   CHECK(watch_calls == 20);  // reported once each, then dropped
@@ -535,7 +544,8 @@ TEST_CASE("empty and moved-from jobs and handles, double awaits and run() inside
         co_return;
       });
     });
-    CHECK(run_until(loop, [&] { return inside.done(); }, 10s));
+    CHECK(run_until(
+        loop, [&] { return inside.done(); }, 10s));
     CHECK(drain(loop));
     inside.result();
     CHECK(seen == std::vector<std::string>{
@@ -593,7 +603,8 @@ TEST_CASE("loop functions called from a foreign thread throw std::logic_error, p
                        "start_job without a loop: logic_error", "post: ok", "quit: ok"});
   CHECK(timer.cancel());
   CHECK(watch.cancel());
-  CHECK(run_until(loop, [&] { return posted == 1 && h.done(); }, 10s));
+  CHECK(run_until(
+      loop, [&] { return posted == 1 && h.done(); }, 10s));
   CHECK(h.result() == 42);
   CHECK(drain(loop));
   CHECK(all_zero(loop.stats()));

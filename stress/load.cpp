@@ -30,7 +30,8 @@ TEST_CASE("a million concurrent sleeping jobs all finish, none early, and every 
   {
     event_loop loop;
     for (long i = 0; i < n; ++i) start_job(loop, sleeper(std::chrono::milliseconds(1 + i % 250), c));
-    CHECK(run_until(loop, [&] { return c.done == n; }, 180s));
+    CHECK(run_until(
+        loop, [&] { return c.done == n; }, 180s));
     CHECK(c.done == n);
     CHECK(c.early == 0);
     CHECK(live_frame::live == 0);
@@ -58,14 +59,16 @@ TEST_CASE("100,000 threaded round trips each deliver their own result exactly on
           const long got = co_await threaded_task([&ran](long i) {
             ++ran[static_cast<std::size_t>(i)];
             return i;
-          }, id);
+          },
+                                                  id);
           if (got != id) ++wrong;
           ++received[static_cast<std::size_t>(got >= 0 && got < n ? got : 0)];
         }
         ++finished;
       });
     }
-    CHECK(run_until(loop, [&] { return finished == jobs; }, 180s));
+    CHECK(run_until(
+        loop, [&] { return finished == jobs; }, 180s));
     CHECK(drain(loop));
     CHECK(all_zero(loop.stats()));
   }
@@ -100,7 +103,8 @@ TEST_CASE("16 threads make a million cross-thread completions while the loop sle
         ++delivered_count;
       });
     }
-    REQUIRE(run_until(loop, [&] { return long(returns.size()) == callbacks; }, 120s));
+    REQUIRE(run_until(
+        loop, [&] { return long(returns.size()) == callbacks; }, 120s));
     // Now only the 1 h timer and the waiting callbacks are pending: the loop blocks in poll.
     std::atomic<bool> go{false};
     std::vector<std::thread> threads;
@@ -132,13 +136,15 @@ TEST_CASE("16 threads make a million cross-thread completions while the loop sle
     go = true;
     stopwatch since_writers;
     bool writers_were_done = false;
-    CHECK(run_until(loop, [&] {
-      if (!writers_were_done && writers_done == writers) {
-        writers_were_done = true;
-        since_writers = stopwatch{};
-      }
-      return delivered_count == total;
-    }, 180s));
+    CHECK(run_until(
+        loop, [&] {
+          if (!writers_were_done && writers_done == writers) {
+            writers_were_done = true;
+            since_writers = stopwatch{};
+          }
+          return delivered_count == total;
+        },
+        180s));
     drain_after_writers_ms = since_writers.ms();
     for (auto& t : threads) t.join();
     CHECK(long_timer.cancel());
@@ -159,7 +165,8 @@ TEST_CASE("16 threads make a million cross-thread completions while the loop sle
   CHECK(slowest_call_us.load() < 2'000'000);
   CHECK(drain_after_writers_ms < 20'000);
   STRESS_REPORT(total << " completions from " << writers << " threads (" << callbacks
-                      << " task_return, " << posts << " post)", w);
+                      << " task_return, " << posts << " post)",
+                w);
 }
 
 TEST_CASE("writers never block: a million posts from 16 threads complete while the loop is not running") {
@@ -186,7 +193,8 @@ TEST_CASE("writers never block: a million posts from 16 threads complete while t
   if (!finished) loop.post([] {});  // (would only hang the join below; the check failed)
   for (auto& t : threads) t.join();
   const double writers_ms = w.ms();
-  CHECK(run_until(loop, [&] { return count == total; }, 120s));
+  CHECK(run_until(
+      loop, [&] { return count == total; }, 120s));
   long bad = 0;
   for (auto d : delivered) bad += d != 1;
   CHECK(bad == 0);
@@ -234,7 +242,8 @@ TEST_CASE("a job that never yields for 200 ms makes 100 timers late, but they fi
     busy_end = steady_clock::now();
     co_return;
   });
-  CHECK(run_until(loop, [&] { return fired == n; }, 20s));
+  CHECK(run_until(
+      loop, [&] { return fired == n; }, 20s));
   CHECK(drain(loop));
   int lost = 0, early = 0, before_busy_end = 0, out_of_order = 0;
   std::vector<int> by_order(n, -1);
@@ -266,7 +275,8 @@ extern "C" void on_sigusr1(int) { sigusr1_count.fetch_add(1, std::memory_order_r
 }  // namespace
 
 TEST_CASE("a 200 ms sleep ends at about 200 ms while SIGUSR1 without SA_RESTART arrives thousands of times") {
-  struct sigaction sa {}, old{};
+  struct sigaction sa {
+  }, old{};
   sa.sa_handler = on_sigusr1;
   sigemptyset(&sa.sa_mask);
   sa.sa_flags = 0;  // no SA_RESTART: every signal interrupts ppoll with EINTR
@@ -291,7 +301,8 @@ TEST_CASE("a 200 ms sleep ends at about 200 ms while SIGUSR1 without SA_RESTART 
     }
   });
   const auto st0 = loop.stats();
-  CHECK(run_until(loop, [&] { return h.done(); }, 10s));
+  CHECK(run_until(
+      loop, [&] { return h.done(); }, 10s));
   stop = true;
   killer.join();
   const auto st1 = loop.stats();
@@ -303,7 +314,7 @@ TEST_CASE("a 200 ms sleep ends at about 200 ms while SIGUSR1 without SA_RESTART 
   CHECK(elapsed >= 200ms);
   CHECK(reported >= 200ms);
   CHECK(elapsed < 1s);
-  CHECK(sigusr1_count.load() >= 100);  // "thousands" on an idle machine; loose under load
+  CHECK(sigusr1_count.load() >= 100);           // "thousands" on an idle machine; loose under load
   CHECK(st1.iterations - st0.iterations <= 3);  // EINTR is retried inside the one wait
 }
 
@@ -322,14 +333,16 @@ TEST_CASE("after bursts of posts from several threads, a long idle wait costs on
       ts.emplace_back([&] {
         for (long i = 0; i < per_thread; ++i) loop.post([&] { ++count; });
       });
-    CHECK(run_until(loop, [&] { return count == expect; }, 60s));
+    CHECK(run_until(
+        loop, [&] { return count == expect; }, 60s));
     for (auto& t : ts) t.join();
     keep_pending.cancel();
     // Whatever the writers left behind (a late byte in the wakeup pipe) is there now.
     const auto p0 = loop.stats().polls;
     bool fired = false;
     loop.call_later(50ms, [&] { fired = true; });
-    CHECK(run_until(loop, [&] { return fired; }, 10s));
+    CHECK(run_until(
+        loop, [&] { return fired; }, 10s));
     max_idle_polls = std::max<long>(max_idle_polls, long(loop.stats().polls - p0));
   }
   CHECK(drain(loop));

@@ -19,7 +19,14 @@ using namespace stress;
 
 namespace {
 
-enum class kind { sleep, threaded, callback, child, spawn, await_handle, cancel, throw_ };
+enum class kind { sleep,
+                  threaded,
+                  callback,
+                  child,
+                  spawn,
+                  await_handle,
+                  cancel,
+                  throw_ };
 const char* const kind_names[] = {"sleep", "threaded", "callback", "child", "spawn", "await_handle", "cancel", "throw"};
 
 struct op {
@@ -55,8 +62,13 @@ int gen_spec(program& p, std::mt19937_64& rng, int depth) {
   for (int i = 0; i < n; ++i) {
     op o;
     const int r = int(rng() % 13);
-    o.k = r < 3 ? kind::sleep : r < 5 ? kind::threaded : r < 7 ? kind::callback : r < 9 ? kind::child
-        : r < 10 ? kind::spawn : r < 11 ? kind::await_handle : r < 12 ? kind::cancel : kind::throw_;
+    o.k = r < 3 ? kind::sleep : r < 5 ? kind::threaded
+                            : r < 7   ? kind::callback
+                            : r < 9   ? kind::child
+                            : r < 10  ? kind::spawn
+                            : r < 11  ? kind::await_handle
+                            : r < 12  ? kind::cancel
+                                      : kind::throw_;
     if ((o.k == kind::child || o.k == kind::spawn) && depth >= 3) o.k = kind::sleep;
     o.a = int(rng() % 3);
     o.b = int(rng() % 1000);
@@ -136,8 +148,8 @@ struct world {
   std::vector<job_handle<int>> harness;  // held by the harness: read with result() at the end
   std::vector<int> ended;                // per job instance: how often its sentinel died
   std::atomic<int> next_error{0};
-  std::vector<int> raised, observed;     // per error id (loop thread only)
-  std::vector<std::string> faults;       // anything unexpected
+  std::vector<int> raised, observed;  // per error id (loop thread only)
+  std::vector<std::string> faults;    // anything unexpected
   void grow(int id) {
     if (std::size_t(id) >= raised.size()) {
       raised.resize(std::size_t(id) + 1, 0);
@@ -395,7 +407,8 @@ TEST_CASE("thousands of random programs of jobs, tasks, cancels, throws and loop
       std::string all;
       for (const auto& f : faults) all += "  " + f + "\n";
       FAIL_CHECK("program " << i << " broke invariants; replay with STRESS_SEED=" << base
-                            << " STRESS_PROGRAM=" << i << "\n" << all << p.describe());
+                            << " STRESS_PROGRAM=" << i << "\n"
+                            << all << p.describe());
       if (++failed >= 5) break;
     }
   }

@@ -32,7 +32,7 @@ TEST_CASE("co_await of a child job yields its value") {
   CHECK(run_job([]() -> job<int> {
           int a = co_await value_of(2);
           int b = co_await value_of(3);
-          co_return a * b;
+          co_return a* b;
         }) == 6);
 }
 
@@ -149,7 +149,8 @@ void on_small_stack(F fn) {
   pthread_attr_init(&attr);
   pthread_attr_setstacksize(&attr, 1 << 20);
   pthread_t t;
-  REQUIRE(pthread_create(&t, &attr, [](void* p) -> void* { (*static_cast<F*>(p))(); return nullptr; }, &fn) == 0);
+  REQUIRE(pthread_create(
+              &t, &attr, [](void* p) -> void* { (*static_cast<F*>(p))(); return nullptr; }, &fn) == 0);
   pthread_join(t, nullptr);
   pthread_attr_destroy(&attr);
 }
@@ -211,8 +212,8 @@ TEST_CASE("run_once returns whether anything is still pending") {
     co_await sleep_task(0s);
     co_await sleep_task(0s);
   });
-  CHECK(loop.run_once());   // started, then yielded
-  CHECK(loop.run_once());   // yielded again
+  CHECK(loop.run_once());        // started, then yielded
+  CHECK(loop.run_once());        // yielded again
   CHECK_FALSE(loop.run_once());  // ended
   CHECK(h.done());
 }
@@ -234,9 +235,9 @@ TEST_CASE("post runs callbacks in FIFO order on the loop thread, from any thread
   for (int i = 0; i < 3; ++i) loop.post([&, i] { order.push_back(i); });
   std::thread other([&] {
     for (int i = 3; i < 6; ++i) loop.post([&, i] {
-        order.push_back(i);
-        threads.insert(std::this_thread::get_id());
-      });
+      order.push_back(i);
+      threads.insert(std::this_thread::get_id());
+    });
   });
   other.join();
   drain(loop);
@@ -250,7 +251,8 @@ void posts_from_another_thread_wake(event_loop& loop) {
   for (int round = 0; round < 200; ++round) {
     std::atomic<bool> ran{false};
     std::thread other([&] { loop.post([&] { ran = true; }); });
-    CHECK(run_until(loop, [&] { return ran.load(); }, 5s));
+    CHECK(run_until(
+        loop, [&] { return ran.load(); }, 5s));
     other.join();
   }
 }
@@ -368,7 +370,8 @@ TEST_CASE_FIXTURE(no_live_left, "jobs() lists each live job with its name, state
   event_loop loop(manual());
   pipe_fds p;
   start_job(loop, after(1h, 0), "sleeper");
-  start_job(loop, [&]() -> job<> { co_await wait_readable(p.r); }, "reader");
+  start_job(
+      loop, [&]() -> job<> { co_await wait_readable(p.r); }, "reader");
   loop.advance(1ms);
   start_job(loop, after(1ms, 1), "new");
   loop.advance(0ms);
@@ -492,7 +495,8 @@ TEST_CASE("sleep_task of a huge duration saturates instead of wrapping") {
     ++resumed;
   });
   loop.call_later(20ms, [] {});
-  CHECK_FALSE(run_until(loop, [&] { return resumed > 0; }, 50ms));  // a wrap would fire at once
+  CHECK_FALSE(run_until(
+      loop, [&] { return resumed > 0; }, 50ms));  // a wrap would fire at once
   CHECK(loop.stats().timers == 2);
   h1.cancel();
   h2.cancel();
@@ -512,7 +516,8 @@ TEST_CASE("threaded_task runs f on a worker thread and resumes the job on the lo
           int v = co_await threaded_task([&](int a, int b) {
             f_thread = std::this_thread::get_id();
             return a + b;
-          }, 20, 22);
+          },
+                                         20, 22);
           resumed_on = std::this_thread::get_id();
           co_return v;
         }) == 42);
@@ -560,7 +565,7 @@ TEST_CASE_FIXTURE(no_live_left, "threaded_task passes a stop_token that cancel()
   CHECK(run_until(loop, [&] { return h.done(); }));
   CHECK_THROWS_AS(h.result(), job_cancelled);
   CHECK(live::count == 0);  // the job's RAII ran
-  drain(loop);               // and run() waited for the cancelled function to finish
+  drain(loop);              // and run() waited for the cancelled function to finish
   CHECK(saw_stop);
   CHECK(loop.stats().outstanding == 0);
 }
@@ -716,9 +721,9 @@ namespace {
 auto my_sleep(event_loop& loop, std::chrono::milliseconds d) {
   return callback_task<steady_clock::duration>(
       [&loop, d, t0 = steady_clock::now()](task_return<steady_clock::duration> done) {
-        auto timer = loop.call_later(d, [done, t0] { done(steady_clock::now() - t0); });
-        return [timer]() mutable { timer.cancel(); };  // the canceller
-      });
+    auto timer = loop.call_later(d, [done, t0] { done(steady_clock::now() - t0); });
+    return [timer]() mutable { timer.cancel(); };  // the canceller
+  });
 }
 }  // namespace
 
@@ -814,7 +819,7 @@ TEST_CASE("300 jobs waiting on one pipe all resume under a file limit of 256") {
       co_await wait_readable(p.r);
       ++resumed;
     });
-  loop.run_once();  // every job waits now
+  loop.run_once();                                 // every job waits now
   CHECK(loop.stats().fd_waits == std::size_t(n));  // one per wait, though they share an entry
   REQUIRE(::write(p.w, "x", 1) == 1);
   bool all = false;
@@ -887,7 +892,7 @@ TEST_CASE("watches and waits on one fd all fire; cancelled ones drop their event
   CHECK(loop.stats().fd_waits == std::size_t(n / 2));
   for (auto& w : watches) w.cancel();
   REQUIRE(loop.stats().fd_waits == 0);  // else drain() would block on what is left
-  drain(loop);  // nothing left on the fd: the loop ends
+  drain(loop);                          // nothing left on the fd: the loop ends
 }
 
 TEST_CASE("a woken fd wait that cancels other waits on its fd and waits on it again is safe") {

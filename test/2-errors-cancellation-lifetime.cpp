@@ -245,18 +245,40 @@ TEST_CASE("every co_await after cancellation throws job_cancelled, each after a 
   error_log log(loop);
   int thrown = 0;
   pipe_fds p;
-  auto h = start_job(loop, [&]() -> job<> {
-    try {
-      co_await sleep_task(1h);
-    } catch (const job_cancelled&) {
-      ++thrown;
-    }
-    try { co_await sleep_task(0s); } catch (const job_cancelled&) { ++thrown; }
-    try { co_await threaded_task([] {}); } catch (const job_cancelled&) { ++thrown; }
-    try { co_await callback_task<>([](task_return<> r) { r(); }); } catch (const job_cancelled&) { ++thrown; }
-    try { co_await wait_readable(p.r); } catch (const job_cancelled&) { ++thrown; }
-    try { co_await value_of(1); } catch (const job_cancelled&) { ++thrown; }
-  }, "stubborn");
+  auto h = start_job(
+      loop, [&]() -> job<> {
+        try {
+          co_await sleep_task(1h);
+        } catch (const job_cancelled&) {
+          ++thrown;
+        }
+        try {
+          co_await sleep_task(0s);
+        } catch (const job_cancelled&) {
+          ++thrown;
+        }
+        try {
+          co_await threaded_task([] {});
+        } catch (const job_cancelled&) {
+          ++thrown;
+        }
+        try {
+          co_await callback_task<>([](task_return<> r) { r(); });
+        } catch (const job_cancelled&) {
+          ++thrown;
+        }
+        try {
+          co_await wait_readable(p.r);
+        } catch (const job_cancelled&) {
+          ++thrown;
+        }
+        try {
+          co_await value_of(1);
+        } catch (const job_cancelled&) {
+          ++thrown;
+        }
+      },
+      "stubborn");
   loop.run_once();
   h.cancel();
   const auto before = loop.stats().iterations;
@@ -420,15 +442,17 @@ TEST_CASE("a job that swallows every job_cancelled cannot freeze the loop, and i
   event_loop loop;
   error_log log(loop);
   long swallowed = 0;
-  auto h = start_job(loop, [&]() -> job<> {
-    for (;;) {
-      try {
-        co_await sleep_task(1h);
-      } catch (...) {
-        ++swallowed;
-      }
-    }
-  }, "save");
+  auto h = start_job(
+      loop, [&]() -> job<> {
+        for (;;) {
+          try {
+            co_await sleep_task(1h);
+          } catch (...) {
+            ++swallowed;
+          }
+        }
+      },
+      "save");
   loop.run_once();
   h.cancel();
   bool fired = false;
@@ -445,13 +469,15 @@ TEST_CASE("a job that swallows every job_cancelled cannot freeze the loop, and i
 TEST_CASE("a job that catches job_cancelled and then ends normally is reported once") {
   event_loop loop;
   error_log log(loop);
-  auto h = start_job(loop, [&]() -> job<int> {
-    try {
-      co_await sleep_task(1h);
-    } catch (const job_cancelled&) {
-    }
-    co_return 7;
-  }, "quiet");
+  auto h = start_job(
+      loop, [&]() -> job<int> {
+        try {
+          co_await sleep_task(1h);
+        } catch (const job_cancelled&) {
+        }
+        co_return 7;
+      },
+      "quiet");
   loop.run_once();
   h.cancel();
   drain(loop);
@@ -505,19 +531,21 @@ TEST_CASE("shielded runs its awaitable to the end in a cancelled job, and the ne
   error_log log(loop);
   int saves = 0, got = 0;
   bool after = false;
-  auto h = start_job(loop, [&]() -> job<> {
-    bool cancelled = false;
-    try {
-      co_await sleep_task(1h);
-    } catch (const job_cancelled&) {
-      cancelled = true;
-    }
-    if (cancelled) {
-      got = co_await shielded(slow_save(saves, 5ms));
-      co_await sleep_task(0s);  // throws job_cancelled again
-      after = true;
-    }
-  }, "editor");
+  auto h = start_job(
+      loop, [&]() -> job<> {
+        bool cancelled = false;
+        try {
+          co_await sleep_task(1h);
+        } catch (const job_cancelled&) {
+          cancelled = true;
+        }
+        if (cancelled) {
+          got = co_await shielded(slow_save(saves, 5ms));
+          co_await sleep_task(0s);  // throws job_cancelled again
+          after = true;
+        }
+      },
+      "editor");
   loop.run_once();
   h.cancel();
   drain(loop);
@@ -611,11 +639,11 @@ TEST_CASE("threaded_task(abandon_on_cancel, f) lets a cancelled job unwind while
         abandon_on_cancel,
         [](std::shared_ptr<std::atomic<bool>> go, std::shared_ptr<std::atomic<bool>> s,
            std::shared_ptr<std::atomic<bool>> done, event_loop* l) {
-          *s = true;
-          l->post([] {});  // wakes run_until, which waits in the loop
-          while (!*go) std::this_thread::yield();  // cannot be stopped
-          *done = true;
-          return 1;
+      *s = true;
+      l->post([] {});                          // wakes run_until, which waits in the loop
+      while (!*go) std::this_thread::yield();  // cannot be stopped
+      *done = true;
+      return 1;
         },
         release, started, ran_on, &loop);
   });
@@ -707,7 +735,7 @@ TEST_CASE_FIXTURE(no_live_left, "a job frame destroyed with the loop may call no
     bool& ran;
     ~calls_loop() {
       (void)loop.now();
-      loop.post([] {});  // dropped: the loop is closing
+      loop.post([] {});                       // dropped: the loop is closing
       auto h = start_job(loop, value_of(1));  // destroyed unstarted with the loop
       ran = static_cast<bool>(h);
     }
@@ -1086,7 +1114,7 @@ TEST_CASE("an allocation failing in start_job throws std::bad_alloc and leaves n
 // destroyed before the error leaves that frame; it used to be left queued, and ran later on
 // freed memory (a heap-use-after-free under ASan, and still counted in stats() at the catch).
 TEST_CASE_FIXTURE(no_live_left, "an allocation failing while when_all or when_any starts its branches unwinds the started ones before the awaiter gets std::bad_alloc" *
-          doctest::skip(!can_fail_allocations)) {
+                                    doctest::skip(!can_fail_allocations)) {
   auto child = [](int v) -> job<int> {
     live l;
     co_await sleep_task(1ms);

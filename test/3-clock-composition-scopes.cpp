@@ -154,10 +154,11 @@ TEST_CASE_FIXTURE(no_live_left, "when_all yields a tuple of every result, with s
   std::optional<std::tuple<int, std::monostate, int, std::string>> got;
   auto other = start_job(loop, after(5ms, 9));
   start_job(loop, [&]() -> job<> {
-    got = co_await when_all(after(20ms, 1), []() -> job<> { co_await sleep_task(10ms); }(), other,
-                            callback_task<std::string>([&](task_return<std::string> r) {
-                              loop.call_later(15ms, [r] { r("cb"); });
-                            }));
+    got = co_await when_all(
+        after(20ms, 1), []() -> job<> { co_await sleep_task(10ms); }(), other,
+        callback_task<std::string>([&](task_return<std::string> r) {
+          loop.call_later(15ms, [r] { r("cb"); });
+        }));
   });
   loop.advance(19ms);
   CHECK_FALSE(got);
@@ -385,7 +386,7 @@ TEST_CASE_FIXTURE(no_live_left, "a completion and a timeout due in the same iter
 TEST_CASE_FIXTURE(no_live_left, "a timeout and a completion due in the same iteration: the timeout set first wins") {
   event_loop loop(manual());
   auto late = []() -> job<int> {
-    co_await sleep_task(0s);          // sets its timer one iteration after the timeout's
+    co_await sleep_task(0s);  // sets its timer one iteration after the timeout's
     co_return co_await after(1000ms, 5);
   };
   auto h = start_job(loop, [&]() -> job<int> { co_return co_await with_timeout(1s, late()); });
@@ -396,9 +397,11 @@ TEST_CASE_FIXTURE(no_live_left, "a timeout and a completion due in the same iter
 TEST_CASE("jobs() lists branches and shielded waits under their parent's name, at every level") {
   event_loop loop;
   pipe_fds p;
-  auto top = start_job(loop, [&]() -> job<> {
-    co_await when_all(wait_readable(p.r), when_any(wait_readable(p.r), sleep_task(1h)));
-  }, "top");
+  auto top = start_job(
+      loop, [&]() -> job<> {
+        co_await when_all(wait_readable(p.r), when_any(wait_readable(p.r), sleep_task(1h)));
+      },
+      "top");
   auto unnamed = start_job(loop, [&]() -> job<> { co_await shielded(with_timeout(1h, wait_readable(p.r))); });
   REQUIRE(run_until(loop, [&] { return loop.stats().fd_waits == 3; }));
   std::vector<std::string> names;
@@ -431,7 +434,8 @@ TEST_CASE_FIXTURE(no_live_left, "a job scope's cancel_all finishes its jobs' unw
         cleanup.push_back(name);
         throw;
       }
-    }, name);
+    },
+                name);
   scope.start([]() -> job<> { co_await when_all(after(1h, 1), after(1h, 2)); }, "c");
   loop.advance(1ms);
   CHECK(scope.size() == 3);
@@ -477,7 +481,8 @@ TEST_CASE_FIXTURE(no_live_left, "cancel_all finishes a job whose when_any alread
       } catch (...) {
       }
       status = 1;
-    }, "J");
+    },
+                    "J");
     CHECK(run_until(loop, [&] { return quick_done; }));
     CHECK(scope.cancel_all() == 1);
     CHECK(h.done());
@@ -498,7 +503,8 @@ TEST_CASE_FIXTURE(no_live_left, "jobs started by catch blocks while a scope unwi
         scope.start([]() -> job<> {  // e.g. "save state" on close
           live guard;
           co_await sleep_task(1h);
-        }, "save");
+        },
+                    "save");
         throw;
       }
     };
@@ -507,7 +513,7 @@ TEST_CASE_FIXTURE(no_live_left, "jobs started by catch blocks while a scope unwi
     loop.advance(1ms);
     scope.start(saver, "a");  // cancel_previous: a's catch block starts "save"
     loop.advance(1ms);
-    scope.cancel_all();       // and again, for b and the new a
+    scope.cancel_all();  // and again, for b and the new a
   }
   CHECK(live::count == 0);
   CHECK(loop.stats().jobs == 0);
@@ -694,7 +700,7 @@ TEST_CASE("a progress destroyed by its own callback keeps the callback's capture
   std::unique_ptr<progress<int>> p;
   int seen = 0;
   p = std::make_unique<progress<int>>(loop, [&p, &seen, big = std::make_shared<int>(7)](int v) {
-    p.reset();     // ~progress drops the function that is running now
+    p.reset();        // ~progress drops the function that is running now
     seen = *big + v;  // a heap-use-after-free under ASan if that freed the captures
   });
   p->get_reporter()(1);
@@ -720,11 +726,14 @@ TEST_CASE("the watchdog reports a job step that holds the loop too long, naming 
   loop.set_watchdog(20ms, [&](std::string_view who, steady_clock::duration held) {
     slow.emplace_back(who, held);
   });
-  start_job(loop, []() -> job<> {
-    busy_for(50ms);
-    co_return;
-  }, "blocker");
-  start_job(loop, []() -> job<> { co_await sleep_task(1ms); }, "polite");
+  start_job(
+      loop, []() -> job<> {
+        busy_for(50ms);
+        co_return;
+      },
+      "blocker");
+  start_job(
+      loop, []() -> job<> { co_await sleep_task(1ms); }, "polite");
   drain(loop);
   REQUIRE(slow.size() == 1);
   CHECK(slow[0].first == "blocker");
@@ -757,10 +766,12 @@ TEST_CASE("the default watchdog report says who held the loop, without 'failed' 
   event_loop loop;
   loop.set_watchdog(1ms);
   const std::string text = stderr_of([&] {
-    start_job(loop, []() -> job<> {
-      busy_for(5ms);
-      co_return;
-    }, "load_settings");
+    start_job(
+        loop, []() -> job<> {
+          busy_for(5ms);
+          co_return;
+        },
+        "load_settings");
     drain(loop);
   });
   CHECK(text.rfind("coro_jobs: load_settings held the loop for ", 0) == 0);
@@ -815,7 +826,8 @@ TEST_CASE("the watchdog names a slow branch after its parent") {
     busy_for(20ms);
     co_return;
   };
-  start_job(loop, [&]() -> job<> { co_await when_all(value_of(1), when_any(busy(), value_of(2))); }, "top");
+  start_job(
+      loop, [&]() -> job<> { co_await when_all(value_of(1), when_any(busy(), value_of(2))); }, "top");
   drain(loop);
   CHECK(slow == std::vector<std::string>{"top/when_all[1]/when_any[0]"});
 }
@@ -867,7 +879,8 @@ TEST_CASE("quit() is async-signal-safe: a handler may call it while its thread i
   auto* st = new shared;
   quit_from_signal = &st->loop;
   quit_signals = 0;
-  struct sigaction sa {}, old {};
+  struct sigaction sa {
+  }, old{};
   sa.sa_handler = quit_on_signal;
   sigemptyset(&sa.sa_mask);
   sa.sa_flags = SA_RESTART;

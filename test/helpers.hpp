@@ -79,13 +79,14 @@ struct rescuer {
   bool done = false;
   std::atomic<bool> fired{false};
   std::thread t;
-  template <class F> explicit rescuer(F rescue) : t([this, rescue] {
-    std::unique_lock<std::mutex> lock(m);
-    if (!cv.wait_for(lock, 10s, [this] { return done; })) {
-      fired = true;
-      rescue();
-    }
-  }) {}
+  template <class F>
+  explicit rescuer(F rescue) : t([this, rescue] {
+                                 std::unique_lock<std::mutex> lock(m);
+                                 if (!cv.wait_for(lock, 10s, [this] { return done; })) {
+                                   fired = true;
+                                   rescue();
+                                 }
+                               }) {}
   ~rescuer() {
     {
       std::lock_guard<std::mutex> lock(m);

@@ -357,17 +357,14 @@ std::string on_cancel(window& w) {
   return "nothing to cancel";
 }
 
-std::string on_yes(window& w) {
+// The dialog's two buttons answer the Save job's question.
+std::string answer(window& w, bool yes) {
   if (!w.dialog) return "no dialog open";
-  (*std::exchange(w.dialog, std::nullopt))(true);
+  (*std::exchange(w.dialog, std::nullopt))(yes);
   return "dialog answered";
 }
-
-std::string on_no(window& w) {
-  if (!w.dialog) return "no dialog open";
-  (*std::exchange(w.dialog, std::nullopt))(false);
-  return "dialog answered";
-}
+std::string on_yes(window& w) { return answer(w, true); }
+std::string on_no(window& w) { return answer(w, false); }
 
 // Each button has a key, for --interactive; the window shows them.
 struct button {

@@ -296,7 +296,8 @@ std::string on_download(window& w) { return w.start("Download", download); }
 std::string on_convert(window& w) { return w.start("Convert", convert); }
 std::string on_fetch(window& w) { return w.start("Fetch", fetch); }
 std::string on_sleep(window& w) { return w.start("Sleep", nap); }
-std::string on_save(window& w) { return w.start("Save", save); }
+// One dialog at a time: a second click while Save waits starts nothing.
+std::string on_save(window& w) { return w.start("Save", save, restart::ignore_while_running); }
 std::string on_ping(window& w) { return w.start("Ping", ping, restart::ignore_while_running); }
 std::string on_freeze(window& w) { return w.start("Freeze", freeze); }
 std::string on_download_both(window& w) { return w.start("Download both", download_both); }

@@ -496,10 +496,24 @@ int main(int argc, char** argv) {
     w.event(what);
   });
 
-  if (!interactive) {
-    for (const click& c : script) loop.call_later(c.at, [&w, c] { press(w, c.button); });
-    if (shot) loop.call_later(screenshot_at, [&w, shot] { screenshot(w, shot); });
-  }
+  // The script starts when the window is on the screen, not when it is built: on a fresh
+  // machine GTK's first start (fonts, the X server) can take seconds, and the screenshot
+  // must find a window that has been drawn.
+  struct script_start {
+    window& w;
+    const char* shot;
+  } start{w, shot};
+  if (!interactive)
+    g_signal_connect_swapped(
+        w.win, "map", G_CALLBACK(+[](script_start* s) {
+          static bool started = false;  // a window is mapped again after a hide
+          if (std::exchange(started, true)) return;
+          window& w = s->w;
+          for (const click& c : script) w.loop.call_later(c.at, [&w, c] { press(w, c.button); });
+          if (const char* shot = s->shot)
+            w.loop.call_later(screenshot_at, [&w, shot] { screenshot(w, shot); });
+        }),
+        &start);
   w.scope.start(tracked(w, "heartbeat", nullptr, heartbeat(w)), "heartbeat");
   gtk_window_present(GTK_WINDOW(w.win));
   g_main_loop_run(w.main_loop);

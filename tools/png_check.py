@@ -13,7 +13,10 @@ def fail(why):
 
 
 def main():
-    data = open(sys.argv[1], "rb").read()
+    try:
+        data = open(sys.argv[1], "rb").read()
+    except OSError as e:
+        fail(f"cannot read it ({e.strerror}): the demo saved no screenshot")
     if data[:8] != b"\x89PNG\r\n\x1a\n":
         fail("not a PNG")
     pos, idat, head = 8, b"", None

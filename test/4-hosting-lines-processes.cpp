@@ -193,6 +193,7 @@ TEST_CASE("a hosted loop's run_once() with nothing pending drains and returns in
   event_loop loop;
   loop.attach_host([] {});
   CHECK_FALSE(loop.run_once());  // nothing pending: no wait without a limit
+  CHECK(loop.prepare_host_wait().timeout < std::chrono::steady_clock::duration::zero());  // the host may block
   std::thread t([&] { loop.post([] {}); });
   t.join();
   const auto w = loop.prepare_host_wait();
@@ -209,10 +210,32 @@ TEST_CASE("a start_job from outside an iteration makes a hosted loop's pipe read
   event_loop loop;
   loop.attach_host([] {});
   loop.run_once(0s);
+  (void)loop.prepare_host_wait();  // the host is about to block: a change wakes it
   auto j = start_job(loop, []() -> job<> { co_return; }());
   pollfd p = loop.prepare_host_wait().fds[0];
   CHECK(::poll(&p, 1, 0) == 1);
   while (!j.done()) loop.run_once(0s);
+  loop.detach_host();
+}
+
+// Between run_once and the next prepare_host_wait the host is busy: a wakeup then writes
+// nothing (NOTES: hosted pipe); the next prepare_host_wait says zero instead.
+TEST_CASE("a wakeup while the host is busy costs no pipe write, and the next wait is zero") {
+  event_loop loop;
+  loop.attach_host([] {});
+  loop.run_once(0s);
+  bool ran = false;
+  std::thread t([&] { loop.post([&ran] { ran = true; }); });
+  t.join();
+  auto j = start_job(loop, []() -> job<> { co_return; }());
+  const auto w = loop.prepare_host_wait();
+  CHECK(w.timeout == std::chrono::steady_clock::duration::zero());
+  pollfd p = w.fds[0];
+  CHECK(::poll(&p, 1, 0) == 0);  // nothing written: the host was not waiting
+  const auto stop = std::chrono::steady_clock::now() + 10s;
+  while (!(ran && j.done()) && std::chrono::steady_clock::now() < stop) loop.run_once(0s);
+  CHECK(ran);
+  CHECK(j.done());
   loop.detach_host();
 }
 

@@ -189,8 +189,8 @@
 #include <variant>
 #include <vector>
 
-#include <cerrno>   // EBADF
-#include <poll.h>   // POLLIN, POLLOUT... for watch() and wait_readable()
+#include <cerrno>  // EBADF
+#include <poll.h>  // POLLIN, POLLOUT... for watch() and wait_readable()
 
 #include <condition_variable>
 #include <cstdio>
@@ -198,7 +198,7 @@
 
 #include <fcntl.h>
 #include <signal.h>
-#include <spawn.h>     // posix_spawnp: the process task
+#include <spawn.h>  // posix_spawnp: the process task
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -254,13 +254,13 @@ using error_handler = std::function<void(std::string_view name, std::exception_p
 
 /// What a loop holds right now (for tests and debug dumps).
 struct loop_stats {
-  std::size_t jobs;         // started jobs that have not ended
-  std::size_t timers;       // sleeps and call_later timers not yet fired or cancelled
-  std::size_t fd_waits;     // watches and wait_readable/wait_writable registrations
-  std::size_t outstanding;  // thread functions running and callback tasks waiting
-  std::size_t ready;        // work queued for the next iteration
-  std::uint64_t iterations; // run_once calls that did work, since the loop was made
-  std::uint64_t polls;      // ppoll/poll calls among them (fast iterations skip the syscall)
+  std::size_t jobs;          // started jobs that have not ended
+  std::size_t timers;        // sleeps and call_later timers not yet fired or cancelled
+  std::size_t fd_waits;      // watches and wait_readable/wait_writable registrations
+  std::size_t outstanding;   // thread functions running and callback tasks waiting
+  std::size_t ready;         // work queued for the next iteration
+  std::uint64_t iterations;  // run_once calls that did work, since the loop was made
+  std::uint64_t polls;       // ppoll/poll calls among them (fast iterations skip the syscall)
 };
 
 /// How to make an event_loop.
@@ -284,7 +284,8 @@ struct job_info {
 
 /// Receives a watchdog report: who held the loop ("post", "call_later", "watch", or the
 /// job's name) and for how long.
-using watchdog_handler = std::function<void(std::string_view who, std::chrono::steady_clock::duration held)>;
+using watchdog_handler =
+    std::function<void(std::string_view who, std::chrono::steady_clock::duration held)>;
 
 /// What the error handler gets when no watchdog_handler is set.
 struct slow_step : std::runtime_error {
@@ -329,14 +330,12 @@ class event_loop {
   bool run_once();
   /// One iteration that waits at most max_wait (zero or negative: never blocks, as Asio's
   /// poll()). Returns whether anything is still pending.
-  template <class Rep, class Period>
-  bool run_once(std::chrono::duration<Rep, Period> max_wait);
+  template <class Rep, class Period> bool run_once(std::chrono::duration<Rep, Period> max_wait);
   /// Runs iterations until the job of h has ended, however busy other jobs keep the loop,
   /// and returns its result (or rethrows its error). std::logic_error if it cannot end
   /// (nothing else is pending; with a manual clock, it waits for advance()), as for run();
   /// std::runtime_error if quit() is called first (asyncio's run_until_complete).
-  template <class T>
-  T run_until(job_handle<T> h);
+  template <class T> T run_until(job_handle<T> h);
   /// Makes the current (or next) run() return after its current iteration. Any thread, and
   /// async-signal-safe: it takes no lock and allocates nothing.
   void quit() noexcept;
@@ -359,8 +358,7 @@ class event_loop {
   /// Manual clock only: moves time forward by d, running every timer that falls due (in
   /// deadline order, the clock set to each deadline in turn) and the work that follows,
   /// until nothing is ready. std::logic_error without a manual clock or inside the loop.
-  template <class Rep, class Period>
-  void advance(std::chrono::duration<Rep, Period> d);
+  template <class Rep, class Period> void advance(std::chrono::duration<Rep, Period> d);
   /// Watchdog: each job step, posted callback, timer or watch callback that holds the loop
   /// longer than threshold is reported once, to handler or else to the error handler (as a
   /// slow_step). Zero or negative turns it off. Costs two clock reads per item when on.
@@ -374,7 +372,7 @@ class event_loop {
   // outside an iteration (a start_job, a new timer or fd wait) makes fds[0] readable, or, if
   // it lands before prepare_host_wait, makes its timeout zero: call it before each wait.
   struct host_wait {
-    std::span<const pollfd> fds;               // valid until the next call into the loop
+    std::span<const pollfd> fds;                  // valid until the next call into the loop
     std::chrono::steady_clock::duration timeout;  // zero: work is ready; negative: no limit
   };
   /// What to wait for now. On Linux fds includes a timerfd armed to the first deadline,
@@ -398,8 +396,7 @@ class event_loop {
 
 /// The return type of a job coroutine. Lazy: the body starts when the job is started with
 /// start_job or co_awaited by another job (as a child, sharing its cancellation).
-template <class T = void>
-class [[nodiscard]] job {
+template <class T = void> class [[nodiscard]] job {
   static_assert(!std::is_reference_v<T>, "job<T&> is not supported; return a value or pointer");
 
  public:
@@ -430,8 +427,7 @@ class [[nodiscard]] job {
 /// A copyable, movable reference to a started job. Belongs to the loop thread: copying it
 /// on another thread throws std::logic_error; destroying it there hands its release to the
 /// loop thread (a post), so it never races with the loop.
-template <class T = void>
-class job_handle {
+template <class T = void> class job_handle {
  public:
   job_handle() noexcept = default;
   job_handle(const job_handle& o);
@@ -457,12 +453,10 @@ class job_handle {
 };
 
 /// Starts a job on loop; its body begins on the loop's next iteration.
-template <class T>
-job_handle<T> start_job(event_loop& loop, job<T> j, std::string name = {});
+template <class T> job_handle<T> start_job(event_loop& loop, job<T> j, std::string name = {});
 /// Starts a job on the loop running on this thread or, outside run(), the one most recently
 /// created on this thread; std::logic_error if there is none.
-template <class T>
-job_handle<T> start_job(job<T> j, std::string name = {});
+template <class T> job_handle<T> start_job(job<T> j, std::string name = {});
 /// Starts the job made by calling make() and keeps make (a lambda and its captures) alive
 /// until the job ends: use this form for a lambda coroutine with captures.
 template <class F>
@@ -497,14 +491,12 @@ auto threaded_task(F&& f, Args&&... args);
 /// be stopped: a cancel lets the job go on unwinding at once while f still runs, its result
 /// dropped. f may then touch only what it owns (its decay-copied arguments and captures,
 /// shared_ptrs it holds); the loop's destructor does not wait for it.
-template <class F, class... Args>
-auto threaded_task(abandon_on_cancel_t, F&& f, Args&&... args);
+template <class F, class... Args> auto threaded_task(abandon_on_cancel_t, F&& f, Args&&... args);
 
 /// The completion callback of a callback_task: call it exactly once, from any thread.
 /// A second call only reports a std::logic_error to the error handler; if every copy is
 /// destroyed without a call, the job gets a std::logic_error instead of hanging.
-template <class T = void>
-class task_return {
+template <class T = void> class task_return {
  public:
   template <class U = T>
     requires(!std::is_void_v<T> && std::is_convertible_v<U &&, T>)
@@ -557,8 +549,8 @@ class line_reader {
  private:
   int fd_;
   std::size_t max_;
-  std::string buf_;        // bytes read and not yet returned, from start_
-  std::size_t start_ = 0;  // where the next line begins in buf_
+  std::string buf_;          // bytes read and not yet returned, from start_
+  std::size_t start_ = 0;    // where the next line begins in buf_
   std::size_t scanned_ = 0;  // bytes after start_ known to hold no '\n'
   bool eof_ = false;
   friend class process;
@@ -569,13 +561,13 @@ enum class stdio { capture, inherit, discard };
 
 /// What start_process runs.
 struct process_options {
-  std::vector<std::string> argv;  // argv[0] is looked up in PATH
-  std::string cwd;                // empty: the caller's
+  std::vector<std::string> argv;                         // argv[0] is looked up in PATH
+  std::string cwd;                                       // empty: the caller's
   std::vector<std::pair<std::string, std::string>> env;  // set in the child's environment
   std::optional<std::string> input;  // written to stdin, which is then closed; none: /dev/null
   stdio out = stdio::capture, err = stdio::capture;
-  std::chrono::milliseconds grace{2000};  // a child still running when its process object
-                                          // dies gets SIGTERM, then SIGKILL after this
+  std::chrono::milliseconds grace{2000};        // a child still running when its process object
+                                                // dies gets SIGTERM, then SIGKILL after this
   std::size_t max_line = std::size_t(1) << 20;  // for out() and err()
 };
 
@@ -629,20 +621,17 @@ job<process> start_process(process_options options);
 
 /// The value an awaitable yields: T for job<T> and job_handle<T>, the task's value for
 /// tasks; std::monostate for void.
-template <class A>
-using await_value_t = typename detail::await_value<std::remove_cvref_t<A>>::type;
+template <class A> using await_value_t = typename detail::await_value<std::remove_cvref_t<A>>::type;
 
 /// co_await when_all(a, b, ...): a std::tuple of every result. The first error (or a branch
 /// cancelled from outside) cancels the others, waits for them to unwind, and is rethrown;
 /// later errors of other branches go to the error handler, never lost.
-template <class... A>
-job<std::tuple<await_value_t<A>...>> when_all(A... awaitables);
+template <class... A> job<std::tuple<await_value_t<A>...>> when_all(A... awaitables);
 
 /// co_await when_any(a, b, ...): a std::variant whose index() is the first to end and whose
 /// alternative is its value; if the first to end threw, that is rethrown. The others are
 /// cancelled and have finished unwinding when when_any returns.
-template <class... A>
-job<std::variant<await_value_t<A>...>> when_any(A... awaitables);
+template <class... A> job<std::variant<await_value_t<A>...>> when_any(A... awaitables);
 
 /// Thrown by with_timeout when the time ran out first.
 struct timeout_error : std::exception {
@@ -661,15 +650,15 @@ job<await_value_t<A>> with_timeout(std::chrono::duration<Rep, Period> d, A await
 /// Yields a's value or rethrows its error. A job scope's cancel_all() does not wait for a
 /// shielded wait to end (it would block the loop): the job ends after it, on the loop.
 template <class A>
-detail::shield_awaiter<typename detail::await_result<std::remove_cvref_t<A>>::type> shielded(A awaitable);
+detail::shield_awaiter<typename detail::await_result<std::remove_cvref_t<A>>::type> shielded(
+    A awaitable);
 
 /// Progress from any thread, seen on the loop thread. Make one in the job (it is bound to
 /// the loop and the callback), hand reporter() to the thread function, and the callback runs
 /// on the loop thread with the latest value. Reports are coalesced: however fast the worker,
 /// at most one delivery is queued at a time, and it carries the newest value. Destroying the
 /// progress object (e.g. when the job ends) makes later reports no-ops.
-template <class T>
-class progress {
+template <class T> class progress {
  public:
   /// A copyable, thread-safe handle for reporting; harmless after the progress is gone.
   class reporter {
@@ -714,10 +703,8 @@ class job_scope {
   job_scope(const job_scope&) = delete;
   job_scope& operator=(const job_scope&) = delete;
 
-  template <class T>
-  job_handle<T> start(job<T> j, std::string name = {});
-  template <class T>
-  job_handle<T> start(job<T> j, std::string name, restart policy);
+  template <class T> job_handle<T> start(job<T> j, std::string name = {});
+  template <class T> job_handle<T> start(job<T> j, std::string name, restart policy);
   /// The lambda form, like start_job(loop, make).
   template <class F>
     requires std::invocable<F&> && detail::is_job<std::invoke_result_t<F&>>::value
@@ -733,17 +720,19 @@ class job_scope {
 
  private:
   template <class T> job_handle<T> adopt(job_handle<T> h);
-  template <class T> std::optional<job_handle<T>> apply_policy(const std::string& name, restart policy);
+  template <class T>
+  std::optional<job_handle<T>> apply_policy(const std::string& name, restart policy);
   detail::loop_impl* loop_;
   restart policy_;
   std::thread::id owner_;  // the loop's thread; kept here, as the loop may be gone first
-  std::vector<detail::job_ctx*> jobs_;  // each holds a reference; ended ones until a sweep
-  std::size_t sweep_at_ = 16;           // jobs_.size() that triggers the next sweep
+  std::vector<detail::job_ctx*> jobs_;    // each holds a reference; ended ones until a sweep
+  std::size_t sweep_at_ = 16;             // jobs_.size() that triggers the next sweep
   std::vector<detail::job_ctx*> queued_;  // run_latest jobs still waiting for their turn
-  template <class T> static job<T> run_after(job_scope* scope, detail::held_ref previous, job<T> body);
+  template <class T>
+  static job<T> run_after(job_scope* scope, detail::held_ref previous, job<T> body);
   template <class T> job_handle<T> queue(job_handle<T> h);  // a run_latest job, waiting
-  detail::job_ctx* take_turn(const std::string& name);  // cancels the waiting; the running one
-  void unqueue(detail::job_ctx* j) noexcept;             // its turn came
+  detail::job_ctx* take_turn(const std::string& name);      // cancels the waiting; the running one
+  void unqueue(detail::job_ctx* j) noexcept;                // its turn came
   void check_thread(const char* what) const;
 };
 
@@ -858,7 +847,8 @@ inline unsigned usable_cpus() noexcept {
 #ifdef __linux__
   cpu_set_t set;
   CPU_ZERO(&set);
-  if (::sched_getaffinity(0, sizeof set, &set) == 0 && CPU_COUNT(&set) > 0) return unsigned(CPU_COUNT(&set));
+  if (::sched_getaffinity(0, sizeof set, &set) == 0 && CPU_COUNT(&set) > 0)
+    return unsigned(CPU_COUNT(&set));
 #endif
   const unsigned hw = std::thread::hardware_concurrency();
   return hw ? hw : 1;
@@ -888,8 +878,7 @@ struct pool_task {
 // than a whole round trip to a worker: the loop spins while a thread function runs (its
 // result may be microseconds away), and a worker spins after each function (the job it
 // served may submit the next one at once). NOTES: spin before block. Never on one CPU, where the waiting thread would only delay the one it waits for.
-template <class Done>
-bool spin_until(Done done) {
+template <class Done> bool spin_until(Done done) {
   static const bool worth_it = usable_cpus() > 1;
   if (!worth_it) return done();
   const auto stop = std::chrono::steady_clock::now() + std::chrono::microseconds(50);
@@ -912,10 +901,11 @@ bool spin_until(Done done) {
 struct inbox {
   std::mutex m;
   std::vector<remote_item> items;
-  bool closed = false;                       // guarded by m
+  bool closed = false;                 // guarded by m
   std::atomic<bool> signalled{false};  // a wakeup is on its way (or the loop is busy anyway)
-  std::atomic<bool> polling{false};    // the loop is in (or about to enter) ppoll, or a host is (prepare_host_wait)
-  std::atomic<bool> piped{false};      // a byte is (or is about to be) in the pipe
+  // The loop is in (or about to enter) ppoll, or a host waits (prepare_host_wait).
+  std::atomic<bool> polling{false};
+  std::atomic<bool> piped{false};  // a byte is (or is about to be) in the pipe
   std::atomic<bool> quit{false};
   int rfd = -1, wfd = -1;
 
@@ -926,11 +916,11 @@ struct inbox {
 
   // Any thread:
   bool push(remote_item it);  // queues it and wakes the loop; false once closed
-  void wake() noexcept;                 // async-signal-safe: no lock, no allocation
+  void wake() noexcept;       // async-signal-safe: no lock, no allocation
   // The loop thread:
-  void drain() noexcept;                               // empties the pipe
+  void drain() noexcept;                     // empties the pipe
   void take(std::vector<remote_item>& out);  // the queued items, flag reset
-  void close();                                        // drops items; later pushes fail
+  void close();                              // drops items; later pushes fail
 };
 
 inline inbox::inbox() {
@@ -1008,7 +998,7 @@ struct worker_pool {
   void kick() noexcept;  // the loop, once per iteration: wakes idle workers for queued work
   void work_loop();      // a worker thread's body
   void stop();           // the loop's destructor: drops queued work, lets workers exit
-  void release_workers(bool join);  // then: joins them, or detaches them
+  void release_workers(bool join);                    // then: joins them, or detaches them
   std::shared_ptr<pool_task> withdraw(pool_task* t);  // t out of the queue, if it is there
 };
 
@@ -1017,7 +1007,7 @@ struct worker_pool {
 // a woken worker does not preempt the loop in mid-iteration on a small machine (NOTES: pool
 // kick). A thread is started at once if the pool may grow and every thread is busy.
 inline void worker_pool::submit(const std::shared_ptr<worker_pool>& p,
-                                        std::shared_ptr<pool_task> work) {
+                                std::shared_ptr<pool_task> work) {
   std::lock_guard<std::mutex> lock(p->m);
   p->queue.push_back(std::move(work));
   p->queued.store(p->queue.size(), std::memory_order_relaxed);
@@ -1115,7 +1105,7 @@ struct op_base {
 // into the job's chain, so the loop's destructor can destroy the frames innermost first
 // instead of recursing through 100,000 nested destructors.
 struct child_link {
-  void* slot;                  // the awaited job object's coroutine handle
+  void* slot;                   // the awaited job object's coroutine handle
   void (*destroy)(void* slot);  // destroys that frame and empties the handle
   child_link* outer;
 };
@@ -1124,8 +1114,7 @@ struct child_link {
 struct maker_base {
   virtual ~maker_base() = default;
 };
-template <class F>
-struct maker_box final : maker_base {
+template <class F> struct maker_box final : maker_base {
   F f;
   explicit maker_box(F&& x) : f(std::move(x)) {}
   explicit maker_box(const F& x) : f(x) {}
@@ -1168,7 +1157,9 @@ class job_extras {
     if (d_) d_->maker.reset();
   }
   // The name given to start_job (empty for a branch: see full_name).
-  std::string_view name() const noexcept { return d_ ? std::string_view(d_->name) : std::string_view(); }
+  std::string_view name() const noexcept {
+    return d_ ? std::string_view(d_->name) : std::string_view();
+  }
   std::string full_name() const;  // the name given, or a branch's built one; may be empty
   std::string name_or_job() const {
     std::string n = full_name();
@@ -1179,18 +1170,19 @@ class job_extras {
 // What one started job shares among its frames (root and children) and its handles.
 struct job_ctx {
   loop_impl* loop = nullptr;
-  loop_impl* home = nullptr;  // the loop it was started on; never changes (see drop_handle_elsewhere)
-  std::thread::id owner;      // that loop's thread
-  op_base* pending = nullptr;       // the cancellable wait the job is suspended on, if any
-  group* branches = nullptr;        // a when_all/when_any whose branches it owns, if any
-  child_link* innermost = nullptr;  // the chain of children being awaited
-  std::coroutine_handle<> root;     // the top frame, until it ends
-  std::coroutine_handle<> resume_at;  // the frame to resume when its ready item runs
-  time_point since{};               // when the current wait began (for event_loop::jobs())
+  // The loop it was started on; never changes (see drop_handle_elsewhere).
+  loop_impl* home = nullptr;
+  std::thread::id owner;                     // that loop's thread
+  op_base* pending = nullptr;                // the cancellable wait the job is suspended on, if any
+  group* branches = nullptr;                 // a when_all/when_any whose branches it owns, if any
+  child_link* innermost = nullptr;           // the chain of children being awaited
+  std::coroutine_handle<> root;              // the top frame, until it ends
+  std::coroutine_handle<> resume_at;         // the frame to resume when its ready item runs
+  time_point since{};                        // when the current wait began (for event_loop::jobs())
   job_ctx *prev = nullptr, *next = nullptr;  // the loop's list of live jobs
-  handle_waiter* waiters = nullptr;  // jobs awaiting a handle of this one
+  handle_waiter* waiters = nullptr;          // jobs awaiting a handle of this one
   std::exception_ptr error;
-  job_extras extra;  // name, and the lambda of start_job(lambda)
+  job_extras extra;           // name, and the lambda of start_job(lambda)
   std::uint32_t refs = 0;     // handles + 1 while the frame lives
   std::uint32_t handles = 0;  // job_handle copies
   // Its life: start_job makes it `queued`; its start item makes it `running` (see
@@ -1201,7 +1193,12 @@ struct job_ctx {
   // every co_await yields to the loop before it throws, so a job that catches it in a loop
   // cannot freeze the program); a job that then awaits again or ends normally `went_on`
   // (note_went_on reports it once).
-  enum class cancel_reach : std::uint8_t { none, requested, thrown, went_on } reach = cancel_reach::none;
+  enum class cancel_reach : std::uint8_t {
+    none,
+    requested,
+    thrown,
+    went_on
+  } reach = cancel_reach::none;
   // Its error (`error`), set when it ends: a cancel, never reported; or an error `unseen`
   // until result() or an awaiter sees it (observe_error) or it is reported, then `seen`.
   enum class fault : std::uint8_t { none, cancel, unseen, seen } error_is = fault::none;
@@ -1260,8 +1257,7 @@ inline std::string job_extras::full_name() const {
 
 template <class T> inline constexpr char type_tag = 0;  // one address per T, in every file
 
-template <class T>
-struct job_state final : job_ctx {
+template <class T> struct job_state final : job_ctx {
   std::optional<T> value;
   bool taken = false;
   void* memory() noexcept override { return this; }
@@ -1277,8 +1273,7 @@ struct job_state final : job_ctx {
     }
   }
 };
-template <>
-struct job_state<void> final : job_ctx {
+template <> struct job_state<void> final : job_ctx {
   void* memory() noexcept override { return this; }
   const void* type() const noexcept override { return &type_tag<void>; }
   void get() { rethrow_if_error(); }
@@ -1310,20 +1305,19 @@ inline constexpr std::size_t state_room =
 inline std::uintptr_t& room_word(void* frame) noexcept {
   return *reinterpret_cast<std::uintptr_t*>(static_cast<char*>(frame) - sizeof(std::uintptr_t));
 }
-template <class State>
-void* alloc_frame(std::size_t n) {
+template <class State> void* alloc_frame(std::size_t n) {
   constexpr std::size_t room = state_room<State>;
   if constexpr (room == 0) {
     return ::operator new(n);
   } else {
     char* const frame = static_cast<char*>(::operator new(room + n)) + room;
-    const std::uintptr_t offer = n <= room_frame_limit ? reinterpret_cast<std::uintptr_t>(frame) : 0;
+    const std::uintptr_t offer =
+        n <= room_frame_limit ? reinterpret_cast<std::uintptr_t>(frame) : 0;
     ::new (static_cast<void*>(frame - sizeof(std::uintptr_t))) std::uintptr_t(offer);
     return frame;
   }
 }
-template <class State>
-void free_frame(void* frame) noexcept {
+template <class State> void free_frame(void* frame) noexcept {
   constexpr std::size_t room = state_room<State>;
   if constexpr (room == 0) {
     ::operator delete(frame);
@@ -1333,8 +1327,7 @@ void free_frame(void* frame) noexcept {
   }
 }
 // Builds the job state for the frame at `frame`: in its room if it has one.
-template <class State>
-State* make_state(void* frame) {
+template <class State> State* make_state(void* frame) {
   constexpr std::size_t room = state_room<State>;
   if constexpr (room != 0) {
     std::uintptr_t& word = room_word(frame);
@@ -1353,12 +1346,12 @@ State* make_state(void* frame) {
 // answer, then (not cancellable, so a cancelled job can still wait) until every branch has
 // ended, so nothing a branch uses dies before it. Branches always end: they are cancelled.
 struct group final : op_base {
-  const char* kind;                 // "when_all" or "when_any"
-  bool any;                         // stop at the first end (when_any) or first error
-  std::vector<job_ctx*> branches;   // each holds a reference
-  std::size_t left = 0;             // branches not yet ended
+  const char* kind;                     // "when_all" or "when_any"
+  bool any;                             // stop at the first end (when_any) or first error
+  std::vector<job_ctx*> branches;       // each holds a reference
+  std::size_t left = 0;                 // branches not yet ended
   std::size_t first = std::size_t(-1);  // when_any: the winner
-  std::exception_ptr error;         // the error to rethrow
+  std::exception_ptr error;             // the error to rethrow
   bool stopping = false, suspended = false;
   // A stop on its way down a nest (see stop): the next group on the loop's stop list, the
   // next branch to cancel, and whether the awaiting job waits for that (holds_job).
@@ -1447,13 +1440,13 @@ struct handle_waiter : op_base {
 
 struct callback_node final : fd_owner, timer_owner {
   int refs = 1;
-  loop_impl* loop;              // null once the loop is gone
+  loop_impl* loop;                                           // null once the loop is gone
   callback_node *prev_node = nullptr, *next_node = nullptr;  // the loop's list of nodes
   bool is_timer = false;
   std::function<void()> on_timer;
   std::function<void(short)> on_fd;
-  bool active = true;           // timer not yet run / watch not cancelled
-  short revents = 0;            // watch: what the last poll said
+  bool active = true;  // timer not yet run / watch not cancelled
+  short revents = 0;   // watch: what the last poll said
 
   explicit callback_node(loop_impl& l) noexcept;
   callback_node(const callback_node&) = delete;
@@ -1485,9 +1478,9 @@ struct loop_impl {
   struct fd_list {
     fd_owner *first = nullptr, *last = nullptr;
   };
-  std::vector<fd_list> fd_lists;          // parallel to pfds: the owners of each entry
-  std::vector<std::size_t> fd_entry;      // by fd number: its index in pfds, 0 if none
-  std::size_t fd_registrations = 0;       // owners, for stats().fd_waits
+  std::vector<fd_list> fd_lists;      // parallel to pfds: the owners of each entry
+  std::vector<std::size_t> fd_entry;  // by fd number: its index in pfds, 0 if none
+  std::size_t fd_registrations = 0;   // owners, for stats().fd_waits
 
   std::shared_ptr<inbox> box = std::make_shared<inbox>();
   std::vector<remote_item> remote;  // the batch taken from the inbox
@@ -1500,7 +1493,7 @@ struct loop_impl {
   bool kick_pool = false;
   void kick_pool_if_needed() noexcept;
   void submit_thread(std::shared_ptr<pool_task> work);
-  bool withdraw_thread(pool_task* t) noexcept;  // still queued: it never runs
+  bool withdraw_thread(pool_task* t) noexcept;                 // still queued: it never runs
   void abandon_thread(std::shared_ptr<pool_task> t) noexcept;  // it may still run
   void wait_for_thread(job_ctx* j, const pool_task& t) noexcept;
   std::vector<std::shared_ptr<pool_task>> abandoned;  // by abandon_on_cancel, maybe running
@@ -1509,17 +1502,17 @@ struct loop_impl {
   std::size_t threads_out = 0;  // thread functions running (they wake the loop by themselves)
   std::uint64_t iterations = 0, polls = 0;  // for stats(): benchmarks and the idle test
 
-  job_ctx* jobs = nullptr;  // live jobs, newest first
+  job_ctx* jobs = nullptr;         // live jobs, newest first
   callback_node* nodes = nullptr;  // every timer and watch node, to detach them at the end
   std::deque<std::pair<std::string, std::exception_ptr>> errors;  // for the handler
   error_handler on_error;
 
   time_point now = clock_type::now();  // read once per iteration
   bool in_iteration = false;
-  bool manual = false;                 // loop_options::manual_clock
-  time_point manual_now = now;         // the manual clock's reading
+  bool manual = false;          // loop_options::manual_clock
+  time_point manual_now = now;  // the manual clock's reading
 
-  duration watchdog{};                 // > 0: report items that hold the loop longer
+  duration watchdog{};  // > 0: report items that hold the loop longer
   watchdog_handler on_slow;
 
   loop_impl(event_loop* s, std::size_t workers);
@@ -1531,7 +1524,7 @@ struct loop_impl {
   void check_thread(const char* what) const;
 
   void enqueue(job_ctx* j, std::coroutine_handle<> h);  // j resumes at h next iteration
-  job_ctx* current = nullptr;  // the job being resumed, if any
+  job_ctx* current = nullptr;                           // the job being resumed, if any
   void resume_job(job_ctx* j);  // runs j from where it was enqueued, as `current`
   void finish_now(job_ctx* j);  // cancels j and finishes its unwinding before returning
   void finish_now(job_ctx* const* first, job_ctx* const* last);  // the same for each, in order
@@ -1543,7 +1536,7 @@ struct loop_impl {
   bool stopping_groups = false;
   void run_items();
   void run_item(const ready_item& it);
-  static const char* item_name(item k) noexcept;  // for the watchdog
+  static const char* item_name(item k) noexcept;            // for the watchdog
   void report_slow(const std::string& who, duration held);  // to on_slow, else the handler
 
   // The one place job frames are resumed. A frame that awaits a child, or a child that
@@ -1579,7 +1572,7 @@ struct loop_impl {
   // ---- jobs and posted callbacks
   void link(job_ctx* j) noexcept;
   void unlink(job_ctx* j) noexcept;
-  void job_finished(job_ctx* j);     // its top frame ended, or it was dropped unstarted
+  void job_finished(job_ctx* j);      // its top frame ended, or it was dropped unstarted
   static void run_start(job_ctx* j);  // item::start
   void run_posted();                  // item::posted
 
@@ -1948,7 +1941,8 @@ inline void loop_impl::collect_remote() {
 // last entry (already handled) into its place.
 inline void loop_impl::collect_fds() noexcept {
   for (std::size_t i = pfds.size(); i-- > own_fds;)
-    if (i < pfds.size() && pfds[i].revents) dispatch_fd(i, std::exchange(pfds[i].revents, short(0)));
+    if (i < pfds.size() && pfds[i].revents)
+      dispatch_fd(i, std::exchange(pfds[i].revents, short(0)));
 }
 
 // Runs this iteration's snapshot. Only the error handler (or the watchdog's) throws out of
@@ -1977,7 +1971,8 @@ inline void loop_impl::run_items() {
       const auto t0 = clock_type::now();
       run_item(it);
       const auto held = clock_type::now() - t0;
-      if (held > watchdog) report_slow(keep.j ? keep.j->extra.name_or_job() : who ? who : item_name(it.kind), held);
+      if (held > watchdog)
+        report_slow(keep.j ? keep.j->extra.name_or_job() : who ? who : item_name(it.kind), held);
     }
   } catch (...) {
     ready.insert(ready.begin(), running.begin() + std::ptrdiff_t(i) + 1, running.end());
@@ -2038,7 +2033,8 @@ inline void loop_impl::wait(duration timeout) {
   } guard{*box};
   if (box->signalled.load()) timeout = duration::zero();  // work is in: just look at the fds
   if (timer_fd >= 0 && timeout != duration::zero())
-    arm_timer_fd(timeout > duration::zero() && !timers.empty() ? timers.front().deadline : time_point::min());
+    arm_timer_fd(timeout > duration::zero() && !timers.empty() ? timers.front().deadline
+                                                               : time_point::min());
   for (;;) {
     int n;
 #if defined(__linux__) || defined(__FreeBSD__) || defined(__OpenBSD__) || defined(__NetBSD__)
@@ -2055,7 +2051,8 @@ inline void loop_impl::wait(duration timeout) {
     int ms = -1;  // poll() has milliseconds: round up, or a timer would wake early and spin
     if (timeout >= duration::zero())
       ms = int(std::min<long long>(
-          (std::chrono::duration_cast<std::chrono::nanoseconds>(timeout).count() + 999999) / 1000000,
+          (std::chrono::duration_cast<std::chrono::nanoseconds>(timeout).count() + 999999) /
+              1000000,
           86400000));
     n = ::poll(pfds.data(), nfds_t(pfds.size()), ms);
 #endif
@@ -2084,7 +2081,8 @@ inline void loop_impl::arm_timer_fd(time_point deadline) noexcept {
   if (deadline == timer_fd_at || manual) return;
   itimerspec its{};
   if (deadline != time_point::min()) {
-    const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(deadline.time_since_epoch()).count();
+    const auto ns =
+        std::chrono::duration_cast<std::chrono::nanoseconds>(deadline.time_since_epoch()).count();
     its.it_value.tv_sec = time_t(ns / 1000000000);
     its.it_value.tv_nsec = long(ns % 1000000000);
     if (ns <= 0) its.it_value.tv_nsec = 1;  // zero would disarm it
@@ -2163,7 +2161,8 @@ inline void loop_impl::shut_down() {
   fd_registrations = 0;
   for (auto* q : {&ready, &running})
     for (const ready_item& it : *q)
-      if (it.kind == item::timer || it.kind == item::watch) static_cast<callback_node*>(it.arg)->unref();
+      if (it.kind == item::timer || it.kind == item::watch)
+        static_cast<callback_node*>(it.arg)->unref();
   // Timer and watch callbacks die with the loop, even while a callback_handle keeps its
   // node: their captures may be tied to the loop. They are moved out first and destroyed
   // after the walk, since a capture's destructor may drop another handle and free a node.
@@ -2213,7 +2212,8 @@ inline void callback_node::run_watch() {
   unref();
 }
 inline void callback_node::fire_timer(timer_owner* self, loop_impl& l) {
-  l.ready.push_back({item::timer, static_cast<callback_node*>(self)});  // takes the heap's reference
+  l.ready.push_back(
+      {item::timer, static_cast<callback_node*>(self)});  // takes the heap's reference
 }
 inline void callback_node::run_timer() {
   if (active && loop) {
@@ -2300,7 +2300,8 @@ inline void loop_impl::finish_now(job_ctx* const* first, job_ctx* const* last) {
     job_ctx* const j = *first;
     if (j->done()) continue;
     j->cancel();  // reaches every branch below it (see group::stop)
-    if (j == current) continue;  // it is running (it closed its own scope): it ends at its next await
+    if (j == current)
+      continue;  // it is running (it closed its own scope): it ends at its next await
     const std::size_t top = held.size();
     held.push_back(j);
     ++j->refs;
@@ -2312,7 +2313,7 @@ inline void loop_impl::finish_one(job_ctx* j) {
   if (j->done() || j == current) return;
   j->cancel();  // done already, unless something changed since (it costs nothing then)
   if (!j->started()) return run_start(j);  // never runs its body; its start item is withdrawn
-  if (op_base* p = j->pending) {  // its thread function runs: wait until it has returned
+  if (op_base* p = j->pending) {           // its thread function runs: wait until it has returned
     p->wait_stopped();
     j->pending = nullptr;
     enqueue(j, p->waiter);
@@ -2328,9 +2329,10 @@ inline void note_went_on(job_ctx* j) {
   if (j->reach == job_ctx::cancel_reach::went_on) return;
   j->reach = job_ctx::cancel_reach::went_on;
   const std::string name = j->extra.name_or_job();
-  j->loop->report(name, std::make_exception_ptr(std::logic_error(
-                           "coro_jobs: job '" + name + "' caught job_cancelled and went on; "
-                           "rethrow it (catch (...) { ...; throw; })")));
+  j->loop->report(
+      name, std::make_exception_ptr(std::logic_error("coro_jobs: job '" + name +
+                                                     "' caught job_cancelled and went on; "
+                                                     "rethrow it (catch (...) { ...; throw; })")));
 }
 
 // The top frame has ended (or was dropped unstarted): wake handle awaiters, report an error
@@ -2407,9 +2409,12 @@ inline void loop_impl::submit_thread(std::shared_ptr<pool_task> work) {
 }
 // A cancelled job's function that no worker has taken yet is taken out of the queue: it
 // never runs, and the job need not wait for it.
-inline bool loop_impl::withdraw_thread(pool_task* t) noexcept { return pool->withdraw(t) != nullptr; }
+inline bool loop_impl::withdraw_thread(pool_task* t) noexcept {
+  return pool->withdraw(t) != nullptr;
+}
 inline void loop_impl::abandon_thread(std::shared_ptr<pool_task> t) noexcept {
-  std::erase_if(abandoned, [](const auto& a) { return a->returned.load(std::memory_order_acquire); });
+  std::erase_if(abandoned,
+                [](const auto& a) { return a->returned.load(std::memory_order_acquire); });
   try {
     abandoned.push_back(std::move(t));
   } catch (...) {  // unrecorded, it cannot be waited for: the workers are then left detached
@@ -2452,7 +2457,8 @@ inline event_loop& current_loop() {
   const auto id = std::this_thread::get_id();
   for (auto it = r.loops.rbegin(); it != r.loops.rend(); ++it)
     if (it->first == id) return *it->second;
-  fail_logic("coro_jobs: start_job(job) found no event_loop on this thread; create one first or pass it");
+  fail_logic(
+      "coro_jobs: start_job(job) found no event_loop on this thread; create one first or pass it");
 }
 
 // A job_handle destroyed on another thread must not touch the job's counts, which belong to
@@ -2570,8 +2576,7 @@ struct final_awaiter {
   // A child hands control to its parent through the loop's resume() (no stack growth
   // however long the chain). The top frame hands its result to the job state and
   // destroys itself.
-  template <class P>
-  void await_suspend(std::coroutine_handle<P> h) noexcept {
+  template <class P> void await_suspend(std::coroutine_handle<P> h) noexcept {
     P& p = h.promise();
     job_ctx* j = p.ctx;
     if (p.continuation) {
@@ -2643,8 +2648,7 @@ struct promise_base {
   }
 };
 
-template <class T>
-struct job_promise : promise_base {
+template <class T> struct job_promise : promise_base {
   std::optional<T> value;
   static void* operator new(std::size_t n) { return alloc_frame<job_state<T>>(n); }
   static void operator delete(void* frame) noexcept { free_frame<job_state<T>>(frame); }
@@ -2662,8 +2666,7 @@ struct job_promise : promise_base {
   }
 };
 
-template <>
-struct job_promise<void> : promise_base {
+template <> struct job_promise<void> : promise_base {
   static void* operator new(std::size_t n) { return alloc_frame<job_state<void>>(n); }
   static void operator delete(void* frame) noexcept { free_frame<job_state<void>>(frame); }
   job<void> get_return_object() noexcept {
@@ -2680,8 +2683,7 @@ struct job_promise<void> : promise_base {
 
 // co_await of a child job: the child runs in this job's context (its cancellation included)
 // and its frame is destroyed as soon as its result is taken.
-template <class T>
-struct job_awaiter {
+template <class T> struct job_awaiter {
   using handle = std::coroutine_handle<job_promise<T>>;
   handle& child;  // the job object's handle, emptied here
   job_ctx* ctx;
@@ -2694,7 +2696,9 @@ struct job_awaiter {
   job_awaiter(job<T>& j, job_ctx* c) noexcept : child(access::handle(j)), ctx(c) {}
   bool await_ready() {
     require_job(ctx);
-    if (!child) throw std::invalid_argument("coro_jobs: co_await of an empty job (moved-from or already awaited)");
+    if (!child)
+      throw std::invalid_argument(
+          "coro_jobs: co_await of an empty job (moved-from or already awaited)");
     // Another job (holding a reference to the same job object) already awaits it: its frame
     // has a parent, and resuming it a second time would run a frame that may be gone.
     if (child.promise().continuation)
@@ -2720,8 +2724,7 @@ struct job_awaiter {
   }
 };
 
-template <class T>
-struct handle_awaiter final : handle_waiter {
+template <class T> struct handle_awaiter final : handle_waiter {
   job_handle<T> h;  // keeps the awaited job's state alive while we wait
   handle_awaiter(const job_handle<T>& hh, job_ctx* c) : h(hh) { ctx = c; }
   bool await_ready() {
@@ -2729,7 +2732,8 @@ struct handle_awaiter final : handle_waiter {
     auto* s = access::state(h);
     if (!s) throw std::invalid_argument("coro_jobs: co_await of an empty job_handle");
     if (s == ctx) fail_logic("coro_jobs: a job cannot co_await its own handle");
-    if (!s->done() && s->loop != ctx->loop) fail_logic("coro_jobs: co_await of a job on another event_loop");
+    if (!s->done() && s->loop != ctx->loop)
+      fail_logic("coro_jobs: co_await of a job on another event_loop");
     return ctx->cancelled() || s->done();
   }
   void await_suspend(std::coroutine_handle<> w) noexcept {
@@ -2818,8 +2822,7 @@ class [[nodiscard]] fd_op final : public op_base, public fd_owner {
 
 // A value or an exception, written by one thread and read by the loop thread after the
 // inbox handed it over (the inbox's mutex orders the two).
-template <class T>
-struct result_box {
+template <class T> struct result_box {
   std::optional<T> value;
   std::exception_ptr error;
   template <class... A> void set(A&&... a) { value.emplace(std::forward<A>(a)...); }
@@ -2830,8 +2833,7 @@ struct result_box {
     return std::move(*value);
   }
 };
-template <>
-struct result_box<void> {
+template <> struct result_box<void> {
   std::exception_ptr error;
   void set() noexcept {}
   void take() {
@@ -2844,8 +2846,7 @@ struct result_box<void> {
 // While `counted`, run() waits for it (loop_impl::outstanding) and its arrival resumes the
 // job; let_go() ends that, for a cancel or a function withdrawn, waited for or abandoned.
 // `op` and `counted` belong to the loop thread.
-template <class T>
-struct remote_completion : result_box<T> {
+template <class T> struct remote_completion : result_box<T> {
   std::shared_ptr<inbox> box;  // outlives the loop, for a completion that comes late
   loop_impl* loop;
   op_base* op = nullptr;
@@ -2874,8 +2875,7 @@ struct remote_completion : result_box<T> {
 
 // The function, its result and the way back to the loop, in one allocation. The worker
 // writes only `result` and `returned` before it hands the state to the inbox.
-template <class R, class Fn>
-struct thread_work final : pool_task, remote_completion<R> {
+template <class R, class Fn> struct thread_work final : pool_task, remote_completion<R> {
   std::stop_source stop;
   std::optional<Fn> fn;
 
@@ -2892,12 +2892,12 @@ struct thread_work final : pool_task, remote_completion<R> {
     fn.reset();  // the function's captures die on the worker, as with std::thread
     mark_returned();
     std::shared_ptr<inbox> b = this->box;
-    b->push({nullptr, [me = std::static_pointer_cast<thread_work>(std::move(self))] { me->arrived(); }});
+    b->push({nullptr,
+             [me = std::static_pointer_cast<thread_work>(std::move(self))] { me->arrived(); }});
   }
 };
 
-template <class R, class Fn>
-class [[nodiscard]] thread_op final : public op_base {
+template <class R, class Fn> class [[nodiscard]] thread_op final : public op_base {
  public:
   thread_op(Fn fn, bool abandon) : fn_(std::move(fn)), abandon_(abandon) {}
   bool await_ready() const {
@@ -2958,16 +2958,16 @@ struct callback_state : remote_completion<T>, std::enable_shared_from_this<callb
   }
   void called_twice() {
     this->box->push({nullptr, [l = this->loop] {
-      l->report("task_return", std::make_exception_ptr(std::logic_error(
-                                   "coro_jobs: task_return called more than once")));
-    }});
+                       l->report("task_return",
+                                 std::make_exception_ptr(std::logic_error(
+                                     "coro_jobs: task_return called more than once")));
+                     }});
   }
 };
 
 // Held by every copy of a task_return; when the last copy dies without a call, the job gets
 // an error instead of waiting forever (std::promise's broken_promise, for callbacks).
-template <class T>
-struct return_token {
+template <class T> struct return_token {
   std::shared_ptr<callback_state<T>> st;
   explicit return_token(std::shared_ptr<callback_state<T>> s) : st(std::move(s)) {}
   ~return_token() {
@@ -2980,16 +2980,14 @@ struct return_token {
   return_token& operator=(const return_token&) = delete;
 };
 
-template <class R>
-constexpr bool is_canceller() {
+template <class R> constexpr bool is_canceller() {
   if constexpr (std::is_void_v<R>)
     return true;
   else
     return std::is_invocable_v<R&>;
 }
 
-template <class T, class Start>
-class [[nodiscard]] callback_op final : public op_base {
+template <class T, class Start> class [[nodiscard]] callback_op final : public op_base {
   using start_result = std::invoke_result_t<Start&, task_return<T>>;
   static_assert(is_canceller<start_result>(),
                 "callback_task: start must return void or a canceller callable with no arguments");
@@ -3098,22 +3096,32 @@ inline void fd_op::fd_ready(loop_impl& l, short ev) noexcept {
 // --- Composition: branches and groups --------------------------------------------------
 
 template <class T>
-job_handle<T> start_for(job_ctx* parent, job<T>& j, const char* kind, std::optional<std::size_t> index);
+job_handle<T> start_for(job_ctx* parent, job<T>& j, const char* kind,
+                        std::optional<std::size_t> index);
 
-template <class T> struct void_to_monostate { using type = T; };
-template <> struct void_to_monostate<void> { using type = std::monostate; };
+template <class T> struct void_to_monostate {
+  using type = T;
+};
+template <> struct void_to_monostate<void> {
+  using type = std::monostate;
+};
 
 template <class T> struct await_result {  // tasks
   using type = std::decay_t<decltype(std::declval<T&>().await_resume())>;
 };
-template <class T> struct await_result<job<T>> { using type = T; };
-template <> struct await_result<sleep_for> { using type = duration; };
-template <class T> struct await_result<job_handle<T>> { using type = T; };
+template <class T> struct await_result<job<T>> {
+  using type = T;
+};
+template <> struct await_result<sleep_for> {
+  using type = duration;
+};
+template <class T> struct await_result<job_handle<T>> {
+  using type = T;
+};
 template <class T> struct await_value : void_to_monostate<typename await_result<T>::type> {};
 
 // One branch: awaits `a` in a job of its own and hands the result to its slot and group.
-template <class A, class V>
-job<> branch(A a, group* g, std::size_t i, std::optional<V>* slot) {
+template <class A, class V> job<> branch(A a, group* g, std::size_t i, std::optional<V>* slot) {
   job_ctx* const self = co_await this_job{};
   std::exception_ptr e;
   try {
@@ -3246,8 +3254,7 @@ inline void group::rethrow() {
 
 // --- Shielded waits -------------------------------------------------------------------------
 
-template <class T, class A>
-job<T> shield_body(A a) {
+template <class T, class A> job<T> shield_body(A a) {
   if constexpr (std::is_void_v<T>)
     co_await std::move(a);
   else
@@ -3257,8 +3264,7 @@ job<T> shield_body(A a) {
 // Waits for the shielded job like a handle awaiter, but is never the job's `pending` wait,
 // so the awaiting job's cancel() does not reach it. Started at the co_await, not before:
 // shielded(a) built but never awaited runs nothing.
-template <class T>
-struct [[nodiscard]] shield_awaiter {
+template <class T> struct [[nodiscard]] shield_awaiter {
   struct shield_wait final : handle_waiter {};
   job<T> body;
   job_ctx* ctx = nullptr;  // set by await_transform
@@ -3281,8 +3287,7 @@ struct [[nodiscard]] shield_awaiter {
 
 // --- Progress ------------------------------------------------------------------------------
 
-template <class T>
-struct progress_state : std::enable_shared_from_this<progress_state<T>> {
+template <class T> struct progress_state : std::enable_shared_from_this<progress_state<T>> {
   std::mutex m;
   std::optional<T> latest;  // guarded by m
   bool queued = false;      // guarded by m: a delivery is on its way
@@ -3336,61 +3341,54 @@ template <class Rep, class Period>
 bool event_loop::run_once(std::chrono::duration<Rep, Period> max_wait) {
   return run_once_impl(detail::saturate(max_wait));
 }
-template <class Rep, class Period>
-void event_loop::advance(std::chrono::duration<Rep, Period> d) {
+template <class Rep, class Period> void event_loop::advance(std::chrono::duration<Rep, Period> d) {
   advance_impl(detail::saturate(d));
 }
 template <class Rep, class Period>
-void event_loop::set_watchdog(std::chrono::duration<Rep, Period> threshold, watchdog_handler handler) {
+void event_loop::set_watchdog(std::chrono::duration<Rep, Period> threshold,
+                              watchdog_handler handler) {
   set_watchdog_impl(detail::saturate(threshold), std::move(handler));
 }
 
-template <class T>
-job_handle<T>::job_handle(const job_handle& o) : s_(o.s_) {
+template <class T> job_handle<T>::job_handle(const job_handle& o) : s_(o.s_) {
   if (!s_) return;
   if (s_->owner != std::this_thread::get_id())
     detail::fail_logic("coro_jobs: job_handle copied on a thread that does not own its loop");
   ++s_->refs, ++s_->handles;
 }
-template <class T>
-job_handle<T>& job_handle<T>::operator=(const job_handle& o) {
+template <class T> job_handle<T>& job_handle<T>::operator=(const job_handle& o) {
   if (this != &o) {
     job_handle tmp(o);
     std::swap(s_, tmp.s_);
   }
   return *this;
 }
-template <class T>
-job_handle<T>& job_handle<T>::operator=(job_handle&& o) noexcept {
+template <class T> job_handle<T>& job_handle<T>::operator=(job_handle&& o) noexcept {
   if (this != &o) {
     job_handle tmp(std::move(o));
     std::swap(s_, tmp.s_);
   }
   return *this;
 }
-template <class T>
-job_handle<T>::~job_handle() {
+template <class T> job_handle<T>::~job_handle() {
   if (!s_) return;
   if (s_->owner == std::this_thread::get_id())
     detail::drop_handle(s_);
   else
     detail::drop_handle_elsewhere(s_);
 }
-template <class T>
-bool job_handle<T>::done() const {
+template <class T> bool job_handle<T>::done() const {
   if (!s_) throw std::invalid_argument("coro_jobs: done() of an empty job_handle");
   if (!s_->done())
     s_->loop->check_thread("coro_jobs: job_handle used from a thread that does not own the loop");
   return s_->done();
 }
-template <class T>
-bool job_handle<T>::cancel() {
+template <class T> bool job_handle<T>::cancel() {
   if (!s_ || s_->done()) return false;
   s_->loop->check_thread("coro_jobs: job_handle used from a thread that does not own the loop");
   return s_->cancel();
 }
-template <class T>
-T job_handle<T>::result() {
+template <class T> T job_handle<T>::result() {
   if (!s_) throw std::invalid_argument("coro_jobs: result() of an empty job_handle");
   if (!s_->done()) {
     s_->loop->check_thread("coro_jobs: job_handle used from a thread that does not own the loop");
@@ -3398,19 +3396,19 @@ T job_handle<T>::result() {
   }
   return s_->get();
 }
-template <class T>
-std::string_view job_handle<T>::name() const {
+template <class T> std::string_view job_handle<T>::name() const {
   if (!s_) throw std::invalid_argument("coro_jobs: name() of an empty job_handle");
   return s_->extra.name();
 }
 
 namespace detail {
-template <class T>
-job_handle<T> start_with(event_loop& loop, job<T>& j, job_extras extra) {
+template <class T> job_handle<T> start_with(event_loop& loop, job<T>& j, job_extras extra) {
   auto& l = access::impl(loop);
   l.check_thread("coro_jobs: start_job called from a thread that does not own the loop");
   auto& h = access::handle(j);
-  if (!h) throw std::invalid_argument("coro_jobs: start_job of an empty job (moved-from or already started)");
+  if (!h)
+    throw std::invalid_argument(
+        "coro_jobs: start_job of an empty job (moved-from or already started)");
   // What may throw comes first, before anything is committed: the name (in `extra`), the
   // ready slot and the state.
   l.ready.push_back({item::start, nullptr});  // filled in below
@@ -3438,7 +3436,8 @@ job_handle<T> start_with(event_loop& loop, job<T>& j, job_extras extra) {
   return r;
 }
 template <class T>
-job_handle<T> start_with(event_loop& loop, job<T>& j, std::string name, std::unique_ptr<maker_base> maker) {
+job_handle<T> start_with(event_loop& loop, job<T>& j, std::string name,
+                         std::unique_ptr<maker_base> maker) {
   job_extras extra;
   extra.set_name(std::move(name));
   if (maker) extra.set_maker(std::move(maker));
@@ -3446,19 +3445,18 @@ job_handle<T> start_with(event_loop& loop, job<T>& j, std::string name, std::uni
 }
 // A branch or shielded job, named after the job it serves (see job_extras).
 template <class T>
-job_handle<T> start_for(job_ctx* parent, job<T>& j, const char* kind, std::optional<std::size_t> index) {
+job_handle<T> start_for(job_ctx* parent, job<T>& j, const char* kind,
+                        std::optional<std::size_t> index) {
   job_extras extra;
   extra.set_parent(parent, kind, index);
   return start_with(*parent->loop->self, j, std::move(extra));
 }
 }  // namespace detail
 
-template <class T>
-job_handle<T> start_job(event_loop& loop, job<T> j, std::string name) {
+template <class T> job_handle<T> start_job(event_loop& loop, job<T> j, std::string name) {
   return detail::start_with(loop, j, std::move(name), nullptr);
 }
-template <class T>
-job_handle<T> start_job(job<T> j, std::string name) {
+template <class T> job_handle<T> start_job(job<T> j, std::string name) {
   return start_job(detail::current_loop(), std::move(j), std::move(name));
 }
 template <class F>
@@ -3480,17 +3478,21 @@ detail::sleep_for sleep_task(std::chrono::duration<Rep, Period> d) {
 }
 inline detail::sleep_for next_iteration() noexcept { return {detail::duration::zero()}; }
 
-template <class T>
-T event_loop::run_until(job_handle<T> h) {
+template <class T> T event_loop::run_until(job_handle<T> h) {
   if (!h) throw std::invalid_argument("coro_jobs: run_until of an empty job_handle");
   auto& l = *impl_;
-  l.check_thread("coro_jobs: event_loop::run_until called from a thread that does not own the loop");
+  l.check_thread(
+      "coro_jobs: event_loop::run_until called from a thread that does not own the loop");
   if (l.in_iteration) detail::fail_logic("coro_jobs: run_until called from inside the loop");
-  if (l.hosted) detail::fail_logic("coro_jobs: run_until of an event_loop attached to a host loop; the host runs it");
-  if (detail::access::state(h)->home != &l) detail::fail_logic("coro_jobs: run_until of a job started on another event_loop");
+  if (l.hosted)
+    detail::fail_logic(
+        "coro_jobs: run_until of an event_loop attached to a host loop; the host runs it");
+  if (detail::access::state(h)->home != &l)
+    detail::fail_logic("coro_jobs: run_until of a job started on another event_loop");
   while (!h.done()) {
     if (l.box->quit.exchange(false))
-      throw std::runtime_error("coro_jobs: quit() was called before the job given to run_until ended");
+      throw std::runtime_error(
+          "coro_jobs: quit() was called before the job given to run_until ended");
     if (!run_once() && !h.done())
       detail::fail_logic("coro_jobs: run_until: nothing is pending and the job has not ended");
     if (!h.done() && l.waits_for_advance())
@@ -3500,11 +3502,10 @@ T event_loop::run_until(job_handle<T> h) {
 }
 
 namespace detail {
-template <class F, class... Args>
-auto make_thread_op(bool abandon, F&& f, Args&&... args) {
+template <class F, class... Args> auto make_thread_op(bool abandon, F&& f, Args&&... args) {
   // Decay-copied like std::thread's arguments: the worker must not refer to the job's frame.
-  auto call = [f = std::forward<F>(f), ... a = std::forward<Args>(args)](std::stop_token st) mutable
-      -> decltype(auto) {
+  auto call = [f = std::forward<F>(f),
+               ... a = std::forward<Args>(args)](std::stop_token st) mutable -> decltype(auto) {
     if constexpr (std::is_invocable_v<std::decay_t<F>&, std::stop_token, std::decay_t<Args>...>)
       return std::invoke(f, std::move(st), std::move(a)...);
     else
@@ -3520,13 +3521,11 @@ template <class F, class... Args>
 auto threaded_task(F&& f, Args&&... args) {
   return detail::make_thread_op(false, std::forward<F>(f), std::forward<Args>(args)...);
 }
-template <class F, class... Args>
-auto threaded_task(abandon_on_cancel_t, F&& f, Args&&... args) {
+template <class F, class... Args> auto threaded_task(abandon_on_cancel_t, F&& f, Args&&... args) {
   return detail::make_thread_op(true, std::forward<F>(f), std::forward<Args>(args)...);
 }
 
-template <class T>
-detail::callback_state<T>* task_return<T>::claim() const {
+template <class T> detail::callback_state<T>* task_return<T>::claim() const {
   if (!t_) throw std::logic_error("coro_jobs: call of an empty (moved-from) task_return");
   auto* s = t_->st.get();
   if (s->claimed.exchange(true)) {
@@ -3543,8 +3542,7 @@ detail::callback_op<T, std::decay_t<Start>> callback_task(Start&& start) {
 
 // ---- Composition
 
-template <class... A>
-job<std::tuple<await_value_t<A>...>> when_all(A... awaitables) {
+template <class... A> job<std::tuple<await_value_t<A>...>> when_all(A... awaitables) {
   static_assert(sizeof...(A) > 0, "when_all needs at least one awaitable");
   detail::group g("when_all", false);
   g.ctx = co_await detail::this_job{};
@@ -3557,8 +3555,7 @@ job<std::tuple<await_value_t<A>...>> when_all(A... awaitables) {
                        slots);
 }
 
-template <class... A>
-job<std::variant<await_value_t<A>...>> when_any(A... awaitables) {
+template <class... A> job<std::variant<await_value_t<A>...>> when_any(A... awaitables) {
   static_assert(sizeof...(A) > 0, "when_any needs at least one awaitable");
   using V = std::variant<await_value_t<A>...>;
   using Slots = std::tuple<std::optional<await_value_t<A>>...>;
@@ -3585,7 +3582,8 @@ job<await_value_t<A>> with_timeout(std::chrono::duration<Rep, Period> d, A await
 }
 
 template <class A>
-detail::shield_awaiter<typename detail::await_result<std::remove_cvref_t<A>>::type> shielded(A awaitable) {
+detail::shield_awaiter<typename detail::await_result<std::remove_cvref_t<A>>::type> shielded(
+    A awaitable) {
   using T = typename detail::await_result<std::remove_cvref_t<A>>::type;
   return detail::shield_awaiter<T>(detail::shield_body<T>(std::move(awaitable)));
 }
@@ -3605,26 +3603,25 @@ progress<T>::progress(event_loop& loop, std::function<void(T)> on_progress)
 template <class T>
 progress<T>::progress(std::function<void(T)> on_progress)
     : progress(detail::current_loop(), std::move(on_progress)) {}
-template <class T>
-progress<T>::~progress() {
+template <class T> progress<T>::~progress() {
   st_->alive = false;
   st_->on_progress = nullptr;  // its captures die here, on the loop thread, not on a worker
 }
 
 // ---- Job scopes
 
-template <class T>
-job_handle<T> job_scope::adopt(job_handle<T> h) {
+template <class T> job_handle<T> job_scope::adopt(job_handle<T> h) {
   // Forget ended jobs once the list has doubled since the last sweep: a sweep on every start
   // would make n starts cost n^2 (80,000 starts took 4 s). Then hold a reference (not a
   // handle: errors of jobs nobody else holds still reach the error handler when they end).
   if (jobs_.size() >= sweep_at_) {
-    jobs_.erase(std::remove_if(jobs_.begin(), jobs_.end(),
-                               [](detail::job_ctx* j) {
-                                 if (!j->done()) return false;
-                                 j->release();
-                                 return true;
-                               }),
+    jobs_.erase(std::remove_if(
+                    jobs_.begin(), jobs_.end(),
+                    [](detail::job_ctx* j) {
+      if (!j->done()) return false;
+      j->release();
+      return true;
+                    }),
                 jobs_.end());
     sweep_at_ = std::max<std::size_t>(16, 2 * jobs_.size());
   }
@@ -3633,8 +3630,7 @@ job_handle<T> job_scope::adopt(job_handle<T> h) {
   ++c->refs;
   return h;
 }
-template <class T>
-job_handle<T> job_scope::start(job<T> j, std::string name) {
+template <class T> job_handle<T> job_scope::start(job<T> j, std::string name) {
   return start(std::move(j), std::move(name), policy_);
 }
 // A repeated start under a live job's name: the running job's handle (ignore), or nothing
@@ -3656,7 +3652,8 @@ std::optional<job_handle<T>> job_scope::apply_policy(const std::string& name, re
   for (detail::job_ctx* old : jobs_) {
     if (old->done() || old->extra.name() != name) continue;
     if (old->type() != &detail::type_tag<T>)
-      detail::fail_logic("coro_jobs: job_scope: a running job of that name has another result type");
+      detail::fail_logic(
+          "coro_jobs: job_scope: a running job of that name has another result type");
     auto* s = static_cast<detail::job_state<T>*>(old);
     job_handle<T> h;
     detail::access::state(h) = s;
@@ -3665,15 +3662,15 @@ std::optional<job_handle<T>> job_scope::apply_policy(const std::string& name, re
   }
   return std::nullopt;
 }
-template <class T>
-job_handle<T> job_scope::start(job<T> j, std::string name, restart policy) {
+template <class T> job_handle<T> job_scope::start(job<T> j, std::string name, restart policy) {
   if (!j) throw std::invalid_argument("coro_jobs: job_scope::start of an empty job");
   if (policy == restart::run_latest && !name.empty()) {
     loop_->check_thread("coro_jobs: job_scope used from a thread that does not own the loop");
     if (detail::job_ctx* running = take_turn(name)) {
       queued_.reserve(queued_.size() + 1);  // so that queue() cannot fail once it has started
-      return queue(adopt(start_job(*loop_->self, run_after(this, detail::held_ref(running), std::move(j)),
-                                   std::move(name))));
+      return queue(
+          adopt(start_job(*loop_->self, run_after(this, detail::held_ref(running), std::move(j)),
+                          std::move(name))));
     }
   } else if (auto running = apply_policy<T>(name, policy)) {
     return *running;  // j is dropped unstarted
@@ -3711,8 +3708,7 @@ job<T> job_scope::run_after(job_scope* scope, detail::held_ref previous, job<T> 
   else
     co_return co_await std::move(body);
 }
-template <class T>
-job_handle<T> job_scope::queue(job_handle<T> h) {
+template <class T> job_handle<T> job_scope::queue(job_handle<T> h) {
   detail::job_ctx* c = detail::access::state(h);
   queued_.push_back(c);
   ++c->refs;
@@ -3735,7 +3731,8 @@ inline callback_handle::~callback_handle() {
 inline bool callback_handle::active() const noexcept { return n_ && n_->loop && n_->active; }
 inline bool callback_handle::cancel() {
   if (!active()) return false;
-  n_->loop->check_thread("coro_jobs: callback_handle::cancel called from a thread that does not own the loop");
+  n_->loop->check_thread(
+      "coro_jobs: callback_handle::cancel called from a thread that does not own the loop");
   n_->active = false;
   if (n_->is_timer) {
     n_->on_timer = nullptr;  // free its captures now; it is not running (it was active)
@@ -3779,7 +3776,8 @@ inline event_loop::~event_loop() {
 
 inline bool event_loop::run_once() { return run_once_impl(detail::duration::max()); }
 inline bool event_loop::run_once_impl(detail::duration max_wait) {
-  impl_->check_thread("coro_jobs: event_loop::run_once called from a thread that does not own the loop");
+  impl_->check_thread(
+      "coro_jobs: event_loop::run_once called from a thread that does not own the loop");
   event_loop* const outer = std::exchange(detail::running_loop(), this);
   struct restore {
     event_loop* p;
@@ -3794,7 +3792,8 @@ inline event_loop::host_wait event_loop::prepare_host_wait() {
   // As wait() does before it blocks: a running thread function's result may be
   // microseconds away, sooner than a host's wakeup (NOTES: spin before block).
   const auto signalled = [&l] { return l.box->signalled.load(std::memory_order_acquire); };
-  if (signalled() || (t != detail::duration::zero() && l.threads_out > 0 && detail::spin_until(signalled)))
+  if (signalled() ||
+      (t != detail::duration::zero() && l.threads_out > 0 && detail::spin_until(signalled)))
     t = detail::duration::zero();
   // The host may block now: from here until run_once a wakeup writes the pipe (inbox::wake),
   // and not otherwise, so a result that lands while the host is busy costs no write, poll
@@ -3804,7 +3803,8 @@ inline event_loop::host_wait event_loop::prepare_host_wait() {
     if (l.box->signalled.load()) t = detail::duration::zero();
   }
   if (l.timer_fd >= 0 && t != detail::duration::zero())
-    l.arm_timer_fd(t > detail::duration::zero() ? l.timers.front().deadline : detail::time_point::min());
+    l.arm_timer_fd(t > detail::duration::zero() ? l.timers.front().deadline
+                                                : detail::time_point::min());
   return {std::span<const pollfd>(l.pfds), t};
 }
 inline void event_loop::attach_host(std::function<void()> on_destroyed) {
@@ -3820,8 +3820,11 @@ inline void event_loop::detach_host() noexcept {
 }
 inline void event_loop::run() {
   impl_->check_thread("coro_jobs: event_loop::run called from a thread that does not own the loop");
-  if (impl_->in_iteration) detail::fail_logic("coro_jobs: run() or run_once() called from inside the loop");
-  if (impl_->hosted) detail::fail_logic("coro_jobs: run() of an event_loop attached to a host loop; the host runs it");
+  if (impl_->in_iteration)
+    detail::fail_logic("coro_jobs: run() or run_once() called from inside the loop");
+  if (impl_->hosted)
+    detail::fail_logic(
+        "coro_jobs: run() of an event_loop attached to a host loop; the host runs it");
   while (!impl_->box->quit.exchange(false) && run_once() && !impl_->waits_for_advance()) {
   }
 }
@@ -3836,9 +3839,11 @@ inline void event_loop::post(std::function<void()> fn) {
   const std::shared_ptr<detail::inbox> box = impl_->box;  // see quit()
   box->push({"post", std::move(fn)});
 }
-inline callback_handle event_loop::call_later_impl(detail::duration delay, std::function<void()> fn) {
+inline callback_handle event_loop::call_later_impl(detail::duration delay,
+                                                   std::function<void()> fn) {
   auto& l = *impl_;
-  l.check_thread("coro_jobs: event_loop::call_later called from a thread that does not own the loop");
+  l.check_thread(
+      "coro_jobs: event_loop::call_later called from a thread that does not own the loop");
   if (!fn) throw std::invalid_argument("coro_jobs: call_later of an empty function");
   auto* n = new detail::callback_node(l);
   auto h = detail::access::make_handle(n);  // owns the first reference
@@ -3868,8 +3873,8 @@ inline loop_stats event_loop::stats() const {
   l.check_thread("coro_jobs: event_loop::stats called from a thread that does not own the loop");
   std::size_t jobs = 0;
   for (const detail::job_ctx* j = l.jobs; j; j = j->next) jobs += !j->done();
-  return {jobs, l.timers.size(), l.fd_registrations, l.outstanding, l.ready.size(), l.iterations,
-          l.polls};
+  return {jobs,         l.timers.size(), l.fd_registrations, l.outstanding, l.ready.size(),
+          l.iterations, l.polls};
 }
 inline std::vector<job_info> event_loop::jobs() const {
   const auto& l = *impl_;
@@ -3897,14 +3902,17 @@ inline std::chrono::steady_clock::time_point event_loop::now() const { return im
 inline void event_loop::advance_impl(detail::duration d) {
   auto& l = *impl_;
   l.check_thread("coro_jobs: event_loop::advance called from a thread that does not own the loop");
-  if (!l.manual) detail::fail_logic("coro_jobs: advance() needs an event_loop made with a manual clock");
+  if (!l.manual)
+    detail::fail_logic("coro_jobs: advance() needs an event_loop made with a manual clock");
   if (l.in_iteration) detail::fail_logic("coro_jobs: advance() called from inside the loop");
-  if (d < detail::duration::zero()) throw std::invalid_argument("coro_jobs: advance() by a negative duration");
+  if (d < detail::duration::zero())
+    throw std::invalid_argument("coro_jobs: advance() by a negative duration");
   const auto target = detail::deadline_after(l.manual_now, d);
   // Run what is ready, and what that makes ready; bounded, so that a job that keeps
   // yielding until a timer fires cannot keep the clock from moving.
   auto settle = [&] {
-    for (int i = 0; i < 1000 && (!l.ready.empty() || l.box->signalled.load(std::memory_order_acquire)); ++i)
+    for (int i = 0;
+         i < 1000 && (!l.ready.empty() || l.box->signalled.load(std::memory_order_acquire)); ++i)
       run_once();
   };
   settle();
@@ -3931,7 +3939,8 @@ inline void event_loop::set_watchdog_impl(detail::duration threshold, watchdog_h
   impl_->on_slow = std::move(handler);
 }
 inline void event_loop::set_error_handler(error_handler handler) {
-  impl_->check_thread("coro_jobs: set_error_handler called from a thread that does not own the loop");
+  impl_->check_thread(
+      "coro_jobs: set_error_handler called from a thread that does not own the loop");
   impl_->on_error = std::move(handler);
 }
 
@@ -3974,7 +3983,8 @@ inline job<exit_status> reap(int pid, int pidfd) {
     if (pidfd >= 0) co_await wait_readable(pidfd);
     const int r = ::waitpid(pid, &status, WNOHANG);
     if (r == pid) break;
-    if (r < 0 && errno != EINTR) throw std::system_error(errno, std::generic_category(), "coro_jobs: waitpid");
+    if (r < 0 && errno != EINTR)
+      throw std::system_error(errno, std::generic_category(), "coro_jobs: waitpid");
     if (pidfd < 0) co_await sleep_task(std::chrono::milliseconds(10));
   }
   if (WIFSIGNALED(status)) co_return exit_status{-1, WTERMSIG(status)};
@@ -3985,7 +3995,8 @@ inline job<exit_status> reap(int pid, int pidfd) {
 struct child_guard {
   int pid, pidfd;
   child_guard(int p, int fd) noexcept : pid(p), pidfd(fd) {}
-  child_guard(child_guard&& o) noexcept : pid(std::exchange(o.pid, -1)), pidfd(std::exchange(o.pidfd, -1)) {}
+  child_guard(child_guard&& o) noexcept
+      : pid(std::exchange(o.pid, -1)), pidfd(std::exchange(o.pidfd, -1)) {}
   child_guard& operator=(child_guard&&) = delete;
   ~child_guard() {
     if (pid > 0 && ::waitpid(pid, nullptr, WNOHANG) == 0) {
@@ -4069,11 +4080,14 @@ inline job<process> start_process(process_options o) {
       posix_spawnattr_destroy(attr);
     }
   } cleanup{&fa, &attr};
-  if (o.input) posix_spawn_file_actions_adddup2(&fa, f.in[0], 0);
-  else posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
+  if (o.input)
+    posix_spawn_file_actions_adddup2(&fa, f.in[0], 0);
+  else
+    posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
   auto connect = [&](stdio how, int* p, int target) {
     if (how == stdio::capture) posix_spawn_file_actions_adddup2(&fa, p[1], target);
-    if (how == stdio::discard) posix_spawn_file_actions_addopen(&fa, target, "/dev/null", O_WRONLY, 0);
+    if (how == stdio::discard)
+      posix_spawn_file_actions_addopen(&fa, target, "/dev/null", O_WRONLY, 0);
   };
   connect(o.out, f.out, 1);
   connect(o.err, f.err, 2);
@@ -4125,9 +4139,15 @@ inline job<process> start_process(process_options o) {
 }
 
 inline process::process(process&& o) noexcept
-    : loop_(o.loop_), pid_(std::exchange(o.pid_, -1)), pidfd_(std::exchange(o.pidfd_, -1)),
-      in_fd_(std::exchange(o.in_fd_, -1)), out_(std::move(o.out_)), err_(std::move(o.err_)),
-      grace_(o.grace_), writer_(std::move(o.writer_)), reaped_(o.reaped_) {
+    : loop_(o.loop_),
+      pid_(std::exchange(o.pid_, -1)),
+      pidfd_(std::exchange(o.pidfd_, -1)),
+      in_fd_(std::exchange(o.in_fd_, -1)),
+      out_(std::move(o.out_)),
+      err_(std::move(o.err_)),
+      grace_(o.grace_),
+      writer_(std::move(o.writer_)),
+      reaped_(o.reaped_) {
   o.out_.reset();
   o.err_.reset();
 }
@@ -4160,8 +4180,10 @@ inline void process::release() noexcept {
     if (::waitpid(pid_, nullptr, WNOHANG) == 0) {  // still running: the loop finishes it
       ::kill(pid_, SIGTERM);
       try {
-        start_job(*loop_, detail::finish_child(detail::child_guard(pid_, std::exchange(pidfd_, -1)), grace_),
-                  "process reaper");
+        start_job(
+            *loop_,
+            detail::finish_child(detail::child_guard(pid_, std::exchange(pidfd_, -1)), grace_),
+            "process reaper");
       } catch (...) {  // out of memory, or the loop is shutting down: the guard killed and reaped
       }
     }
@@ -4178,7 +4200,8 @@ inline line_reader& process::err() {
   return *err_;
 }
 inline job<exit_status> process::wait() {
-  if (pid_ <= 0 || reaped_) throw std::logic_error("coro_jobs: process::wait() of an empty or already awaited process");
+  if (pid_ <= 0 || reaped_)
+    throw std::logic_error("coro_jobs: process::wait() of an empty or already awaited process");
   const exit_status st = co_await detail::reap(pid_, pidfd_);
   reaped_ = true;
   co_return st;
@@ -4194,7 +4217,8 @@ inline job<std::optional<std::string>> line_reader::next_line() {
       std::string line = buf_.substr(start_, nl - start_);
       start_ = nl + 1;
       scanned_ = 0;
-      if (start_ > buf_.size() / 2) {  // compact: the buffer never holds more than a line and a read
+      if (start_ >
+          buf_.size() / 2) {  // compact: the buffer never holds more than a line and a read
         buf_.erase(0, start_);
         start_ = 0;
       }
@@ -4279,7 +4303,8 @@ inline std::size_t job_scope::cancel_all() {
       for (detail::job_ctx* j : v) j->release();
     }
   } release{snapshot};
-  const auto n = std::size_t(std::count_if(snapshot.begin(), snapshot.end(), [](auto* j) { return !j->done(); }));
+  const auto n = std::size_t(
+      std::count_if(snapshot.begin(), snapshot.end(), [](auto* j) { return !j->done(); }));
   if (n > 0)  // else the loop may be gone (it ended them all): do not touch it
     loop_->finish_now(snapshot.data(), snapshot.data() + snapshot.size());
   return n;

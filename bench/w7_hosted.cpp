@@ -66,15 +66,20 @@ struct driver {
   explicit driver(std::string h) : host(std::move(h)) {
     if (host == "glib" || host == "pump") ctx = g_main_context_new();
     if (host == "glib") glib = attach_to_glib(loop, ctx);
-    if (host == "guest") guest = attach_to_host(loop, [this](std::function<void()> fn) { poster.post(std::move(fn)); });
+    if (host == "guest")
+      guest =
+          attach_to_host(loop, [this](std::function<void()> fn) { poster.post(std::move(fn)); });
 #ifdef W7_QT
     if (host == "qt") qt = attach_to_qt(loop);
 #endif
     if (host == "pump") {
-      g_source_set_callback(pump_source = g_timeout_source_new(1), [](gpointer p) -> gboolean {
-        static_cast<event_loop*>(p)->run_once(0s);
-        return G_SOURCE_CONTINUE;
-      }, &loop, nullptr);
+      g_source_set_callback(
+          pump_source = g_timeout_source_new(1),
+          [](gpointer p) -> gboolean {
+            static_cast<event_loop*>(p)->run_once(0s);
+            return G_SOURCE_CONTINUE;
+          },
+          &loop, nullptr);
       g_source_attach(pump_source, ctx);
     }
   }
@@ -88,8 +93,7 @@ struct driver {
     }
     if (ctx) g_main_context_unref(ctx);
   }
-  template <class T>
-  void run(job_handle<T>& h) {
+  template <class T> void run(job_handle<T>& h) {
     while (!h.done()) {
       if (host == "native") {
         loop.run_once();
@@ -134,8 +138,10 @@ int main(int argc, char** argv) {
   std::string host = "native";
   bool quick = false;
   for (int i = 1; i < argc; ++i) {
-    if (!std::strcmp(argv[i], "--host") && i + 1 < argc) host = argv[++i];
-    else if (!std::strcmp(argv[i], "--quick")) quick = true;
+    if (!std::strcmp(argv[i], "--host") && i + 1 < argc)
+      host = argv[++i];
+    else if (!std::strcmp(argv[i], "--quick"))
+      quick = true;
   }
 #ifdef W7_QT
   int qargc = 1;
@@ -161,7 +167,8 @@ int main(int argc, char** argv) {
   auto b = start_job(d.loop, trips(n_seq));
   d.run(b);
   bench::check(b.result() == n_seq, "W7", "sequential trips: wrong sum");
-  bench::result("W7", (p + "seq_us_per_trip").c_str(), bench::seconds(bench::clk::now() - t0) * 1e6 / n_seq);
+  bench::result("W7", (p + "seq_us_per_trip").c_str(),
+                bench::seconds(bench::clk::now() - t0) * 1e6 / n_seq);
 
   t0 = bench::clk::now();
   auto c = start_job(d.loop, many_trips(64, n_each));
@@ -171,7 +178,8 @@ int main(int argc, char** argv) {
                 bench::seconds(bench::clk::now() - t0) * 1e6 / (64.0 * n_each));
 
   const double cpu0 = bench::cpu_seconds();
-  auto e = start_job(d.loop, [](std::chrono::milliseconds ms) -> job<> { co_await sleep_task(ms); }(idle));
+  auto e = start_job(d.loop,
+                     [](std::chrono::milliseconds ms) -> job<> { co_await sleep_task(ms); }(idle));
   d.run(e);
   bench::result("W7", (p + "idle_cpu_ms").c_str(), (bench::cpu_seconds() - cpu0) * 1e3);
   return 0;

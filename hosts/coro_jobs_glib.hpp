@@ -65,10 +65,10 @@ glib_attachment attach_to_glib(event_loop& loop, GMainContext* context = nullptr
 namespace glib_detail {
 
 struct source {
-  GSource base;  // first: GLib allocates and frees the whole struct
+  GSource base;      // first: GLib allocates and frees the whole struct
   event_loop* loop;  // null once the loop is gone
   std::unordered_map<int, std::pair<short, gpointer>>* fds;  // fd -> events, GLib's tag
-  std::chrono::steady_clock::time_point due;  // the wait's end (max: none)
+  std::chrono::steady_clock::time_point due;                 // the wait's end (max: none)
   unsigned generation;
   bool dispatching;  // inside run_once: a nested GLib loop must not re-enter it
 };
@@ -114,20 +114,22 @@ inline gboolean prepare(GSource* g, gint* timeout) {
   *timeout = -1;
   if (!s->loop) return FALSE;
   if (s->dispatching) {  // a job runs a nested GLib loop: drop the fds until it returns, or an
-    sync_fds(s, {});     // fd left readable would make that loop spin (re-added by the next prepare)
+    sync_fds(s, {});  // fd left readable would make that loop spin (re-added by the next prepare)
     return FALSE;
   }
   try {
     const auto w = s->loop->prepare_host_wait();
     sync_fds(s, w.fds);
     const auto now = std::chrono::steady_clock::now();
-    s->due = w.timeout < w.timeout.zero() ? std::chrono::steady_clock::time_point::max() : now + w.timeout;
+    s->due = w.timeout < w.timeout.zero() ? std::chrono::steady_clock::time_point::max()
+                                          : now + w.timeout;
     if (w.timeout == w.timeout.zero()) {
       *timeout = 0;
       return TRUE;
     }
     if (w.timeout > w.timeout.zero()) {  // whole ms, rounded up: never early
-      const auto ms = (std::chrono::duration_cast<std::chrono::microseconds>(w.timeout).count() + 999) / 1000;
+      const auto ms =
+          (std::chrono::duration_cast<std::chrono::microseconds>(w.timeout).count() + 999) / 1000;
       *timeout = gint(std::min<long long>(ms, INT_MAX));
     }
     return FALSE;

@@ -47,7 +47,7 @@ struct state : std::enable_shared_from_this<state> {
   std::vector<pollfd> fds;  // guarded by m: the wait the helper makes next
   std::chrono::steady_clock::duration timeout{};
   enum class phase { dispatching, armed, stopping } at = phase::dispatching;  // guarded by m
-  std::atomic<bool> ready{false};  // at != dispatching, readable without the lock
+  std::atomic<bool> ready{false};    // at != dispatching, readable without the lock
   int stop_rfd = -1, stop_wfd = -1;  // wakes the helper's ppoll when stopping
   std::thread helper;
 
@@ -160,9 +160,10 @@ class host_attachment {
 /// Attaches loop to a host that runs posted functions on the loop's thread.
 /// std::invalid_argument for an empty post function; std::logic_error if the loop is
 /// attached already or this is not the loop's thread.
-inline host_attachment attach_to_host(event_loop& loop,
-                                      std::function<void(std::function<void()>)> post_to_host_thread) {
-  if (!post_to_host_thread) throw std::invalid_argument("coro_jobs: attach_to_host needs a post function");
+inline host_attachment attach_to_host(
+    event_loop& loop, std::function<void(std::function<void()>)> post_to_host_thread) {
+  if (!post_to_host_thread)
+    throw std::invalid_argument("coro_jobs: attach_to_host needs a post function");
   auto st = std::make_shared<guest_detail::state>();
   st->post = std::move(post_to_host_thread);
   int p[2];

@@ -99,7 +99,9 @@ namespace qt_detail {
 struct state {
   using clock = std::chrono::steady_clock;
   static constexpr std::array<std::pair<short, QSocketNotifier::Type>, 3> kinds{
-      {{POLLIN, QSocketNotifier::Read}, {POLLOUT, QSocketNotifier::Write}, {POLLPRI, QSocketNotifier::Exception}}};
+      {{POLLIN, QSocketNotifier::Read},
+       {POLLOUT, QSocketNotifier::Write},
+       {POLLPRI, QSocketNotifier::Exception}}};
   struct entry {
     std::array<QSocketNotifier*, 3> n{};  // by kinds' index; children of ctx
     unsigned seen = 0;                    // the last sync that found the fd
@@ -199,7 +201,8 @@ struct state {
         timer_at <= due + std::chrono::milliseconds(1))
       return;
     const auto us = std::chrono::duration_cast<std::chrono::microseconds>(timeout).count();
-    const auto ms = std::chrono::milliseconds(std::min<long long>((us + 999) / 1000, INT_MAX));  // never early
+    const auto ms =
+        std::chrono::milliseconds(std::min<long long>((us + 999) / 1000, INT_MAX));  // never early
     timer->start(ms);
     timer_at = now + ms;
   }
@@ -210,7 +213,8 @@ struct state {
 inline qt_attachment attach_to_qt(event_loop& loop) {
   QAbstractEventDispatcher* dispatcher = QAbstractEventDispatcher::instance();
   if (!dispatcher)
-    throw std::logic_error("coro_jobs: attach_to_qt on a thread without a Qt event dispatcher (make the QCoreApplication first)");
+    throw std::logic_error(
+        "coro_jobs: attach_to_qt on a thread without a Qt event dispatcher (make the QCoreApplication first)");
   auto* s = new qt_detail::state;
   try {
     s->ctx = new QObject;
@@ -218,7 +222,8 @@ inline qt_attachment attach_to_qt(event_loop& loop) {
     s->timer->setSingleShot(true);
     s->timer->setTimerType(Qt::PreciseTimer);
     QObject::connect(s->timer, &QTimer::timeout, s->ctx, [s] { s->dispatch(); });
-    QObject::connect(dispatcher, &QAbstractEventDispatcher::aboutToBlock, s->ctx, [s] { s->prepare(); });
+    QObject::connect(dispatcher, &QAbstractEventDispatcher::aboutToBlock, s->ctx,
+                     [s] { s->prepare(); });
     // The loop's destructor lets go of Qt's objects before it tears down.
     loop.attach_host([s] {
       s->loop = nullptr;

@@ -29,7 +29,8 @@ constexpr auto deadline = 10s;  // a hang fails instead of sticking
 long cpu_us() {
   rusage r{};
   getrusage(RUSAGE_SELF, &r);
-  return (r.ru_utime.tv_sec + r.ru_stime.tv_sec) * 1000000L + r.ru_utime.tv_usec + r.ru_stime.tv_usec;
+  return (r.ru_utime.tv_sec + r.ru_stime.tv_sec) * 1000000L + r.ru_utime.tv_usec +
+         r.ru_stime.tv_usec;
 }
 
 struct counted {  // an RAII object in a job's frame
@@ -47,7 +48,9 @@ TEST_CASE("a job's sleep ends, no earlier than asked, under the host loop") {
   event_loop loop;
   host h;
   h.attach(loop);
-  auto j = start_job(loop, []() -> job<std::chrono::steady_clock::duration> { co_return co_await sleep_task(20ms); }());
+  auto j = start_job(loop, []() -> job<std::chrono::steady_clock::duration> {
+    co_return co_await sleep_task(20ms);
+  }());
   REQUIRE(h.run_until([&] { return j.done(); }, deadline));
   CHECK(j.result() >= 20ms);
 }
@@ -59,7 +62,7 @@ TEST_CASE("a threaded_task round trip completes under the host loop") {
   const auto host_thread = std::this_thread::get_id();
   auto j = start_job(loop, [](std::thread::id me) -> job<bool> {
     auto worker = co_await threaded_task([] { return std::this_thread::get_id(); });
-    co_return worker != me && std::this_thread::get_id() == me;
+    co_return worker != me&& std::this_thread::get_id() == me;
   }(host_thread));
   REQUIRE(h.run_until([&] { return j.done(); }, deadline));
   CHECK(j.result());
@@ -81,7 +84,8 @@ TEST_CASE("a task_return called from another thread resumes its job under the ho
   h.attach(loop);
   std::thread t;
   auto j = start_job(loop, [](std::thread& t) -> job<int> {
-    co_return co_await callback_task<int>([&t](task_return<int> ret) { t = std::thread([ret] { ret(42); }); });
+    co_return co_await callback_task<int>(
+        [&t](task_return<int> ret) { t = std::thread([ret] { ret(42); }); });
   }(t));
   REQUIRE(h.run_until([&] { return j.done(); }, deadline));
   CHECK(j.result() == 42);
@@ -94,7 +98,8 @@ TEST_CASE("wait_readable on a pipe resumes when another thread writes to it, und
   h.attach(loop);
   int p[2];
   REQUIRE(::pipe(p) == 0);
-  auto j = start_job(loop, [](int fd) -> job<short> { co_return co_await wait_readable(fd); }(p[0]));
+  auto j =
+      start_job(loop, [](int fd) -> job<short> { co_return co_await wait_readable(fd); }(p[0]));
   REQUIRE(h.run_until([&] { return loop.stats().fd_waits == 1; }, deadline));
   std::thread t([&] { CHECK(::write(p[1], "x", 1) == 1); });
   REQUIRE(h.run_until([&] { return j.done(); }, deadline));
@@ -210,8 +215,8 @@ TEST_CASE("an idle host makes few blocking waits and uses no CPU while a job sle
   REQUIRE(h.run_until([&] { return j.done(); }, deadline));
   const long waits = h.waits() - waits0, cpu = cpu_us() - cpu0;
   MESSAGE("blocking waits: ", waits, ", CPU: ", cpu, " us over 500 ms");
-  CHECK(waits <= 4);       // one wait for the sleep, give or take a dispatch
-  CHECK(cpu < 100000);     // a spinning host would burn all 500 ms
+  CHECK(waits <= 4);    // one wait for the sleep, give or take a dispatch
+  CHECK(cpu < 100000);  // a spinning host would burn all 500 ms
 }
 
 TEST_CASE("run() while attached, and attaching twice, are std::logic_error") {

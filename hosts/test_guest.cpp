@@ -17,7 +17,8 @@ struct host {
   std::mutex m;
   std::condition_variable cv;
   std::deque<std::function<void()>> posted;  // guarded by m
-  std::multimap<std::chrono::steady_clock::time_point, std::function<void()>> timers;  // host thread
+  std::multimap<std::chrono::steady_clock::time_point, std::function<void()>>
+      timers;  // host thread
   long blocking = 0;
   coro_jobs::host_attachment attachment;
 
@@ -27,7 +28,8 @@ struct host {
     cv.notify_one();
   }
   void attach(coro_jobs::event_loop& l) {
-    attachment = coro_jobs::attach_to_host(l, [this](std::function<void()> fn) { post(std::move(fn)); });
+    attachment =
+        coro_jobs::attach_to_host(l, [this](std::function<void()> fn) { post(std::move(fn)); });
   }
   void detach() { attachment.reset(); }
   long waits() const { return blocking; }
@@ -55,8 +57,7 @@ struct host {
       fn();
     }
   }
-  template <class Pred>
-  bool run_until(Pred pred, std::chrono::milliseconds limit) {
+  template <class Pred> bool run_until(Pred pred, std::chrono::milliseconds limit) {
     const auto end = std::chrono::steady_clock::now() + limit;
     while (!pred() && std::chrono::steady_clock::now() < end) iterate(end);
     return pred();

@@ -29,9 +29,10 @@ struct host {
   void after(std::chrono::milliseconds d, std::function<void()> fn) {
     QTimer::singleShot(d, Qt::PreciseTimer, &owner, std::move(fn));
   }
-  void idle(std::function<void()> fn) { QMetaObject::invokeMethod(&owner, std::move(fn), Qt::QueuedConnection); }
-  template <class Pred>
-  bool run_until(Pred pred, std::chrono::milliseconds limit) {
+  void idle(std::function<void()> fn) {
+    QMetaObject::invokeMethod(&owner, std::move(fn), Qt::QueuedConnection);
+  }
+  template <class Pred> bool run_until(Pred pred, std::chrono::milliseconds limit) {
     bool expired = false;
     QTimer timeout;
     timeout.setSingleShot(true);
@@ -60,8 +61,9 @@ job<> nested_qt_loop(event_loop& loop, bool& posted, bool& posted_inside, long& 
   const long cpu0 = cpu_us();
   QEventLoop nested;
   QTimer::singleShot(100ms, &nested, &QEventLoop::quit);
-  const auto counting = QObject::connect(QAbstractEventDispatcher::instance(), &QAbstractEventDispatcher::aboutToBlock,
-                                         [&rounds] { ++rounds; });
+  const auto counting =
+      QObject::connect(QAbstractEventDispatcher::instance(),
+                       &QAbstractEventDispatcher::aboutToBlock, [&rounds] { ++rounds; });
   nested.exec();
   QObject::disconnect(counting);
   cpu = cpu_us() - cpu0;
@@ -72,7 +74,8 @@ job<> nested_qt_loop(event_loop& loop, bool& posted, bool& posted_inside, long& 
 
 TEST_SUITE(HOST_NAME) {
 
-TEST_CASE("a job step that runs a nested QEventLoop holds the loop, and the nested loop does not spin") {
+TEST_CASE(
+    "a job step that runs a nested QEventLoop holds the loop, and the nested loop does not spin") {
   event_loop loop;
   host h;
   h.attach(loop);
@@ -81,7 +84,8 @@ TEST_CASE("a job step that runs a nested QEventLoop holds the loop, and the nest
   auto j = start_job(loop, nested_qt_loop(loop, posted, posted_inside, cpu, rounds));
   REQUIRE(h.run_until([&] { return j.done() && posted; }, deadline));
   CHECK_FALSE(posted_inside);  // no run_once inside run_once: the post waited for the step
-  MESSAGE("a 100 ms nested loop with the pipe readable: ", rounds, " iterations, CPU: ", cpu, " us");
+  MESSAGE("a 100 ms nested loop with the pipe readable: ", rounds, " iterations, CPU: ", cpu,
+          " us");
   CHECK(rounds < 20);  // the notifiers were off, else they would fire all along (thousands)
   CHECK(cpu < 50000);
 }

@@ -136,7 +136,8 @@ TEST_CASE("restart::run_latest runs the first click and the newest of the clicks
       r.push_back(n);
       co_await sleep_task(5ms);
       co_return n;
-    }(ran, n), "save");
+    }(ran, n),
+                       "save");
   };
   auto first = click(1);
   loop.run_once(0s);  // the first one runs
@@ -159,7 +160,8 @@ TEST_CASE("restart::run_latest with a lambda keeps its captures until the job en
   auto second = scope.start([s]() -> job<int> {
     co_await next_iteration();
     co_return *s;
-  }, "x", restart::run_latest);
+  },
+                            "x", restart::run_latest);
   std::weak_ptr<int> w = s;
   s.reset();
   CHECK(loop.run_until(second) == 5);
@@ -192,7 +194,7 @@ TEST_SUITE("hosts: the contract") {
 TEST_CASE("a hosted loop's run_once() with nothing pending drains and returns instead of blocking") {
   event_loop loop;
   loop.attach_host([] {});
-  CHECK_FALSE(loop.run_once());  // nothing pending: no wait without a limit
+  CHECK_FALSE(loop.run_once());                                                           // nothing pending: no wait without a limit
   CHECK(loop.prepare_host_wait().timeout < std::chrono::steady_clock::duration::zero());  // the host may block
   std::thread t([&] { loop.post([] {}); });
   t.join();

@@ -136,8 +136,8 @@ TEST_CASE("a nested GLib loop with a watched fd readable does not spin") {
                              co_await coro_jobs::sleep_task(1ms);
                              std::thread t([&l, &posted] { l.post([&posted] { posted = true; }); });
                              t.join();
-                             REQUIRE(::write(wfd, "x", 1) ==
-                                     1);  // the reader's fd is readable for all of the nested loop
+                             // The reader's fd is readable for all of the nested loop.
+                             REQUIRE(::write(wfd, "x", 1) == 1);
                              const long cpu0 = cpu_us(), polls0 = polls;
                              run_nested_loop(h.ctx, 100);
                              rounds = polls - polls0;
@@ -150,8 +150,8 @@ TEST_CASE("a nested GLib loop with a watched fd readable does not spin") {
   g_main_context_set_poll_func(h.ctx, original);
   CHECK_FALSE(posted_inside);  // no run_once inside run_once: the post waited for the step
   MESSAGE("a 100 ms nested loop with an fd readable: ", rounds, " polls, CPU: ", cpu, " us");
-  CHECK(rounds <
-        20);  // the fds were out of the poll set, else poll would return at once (thousands)
+  // The fds were out of the poll set, else poll would return at once (thousands of times).
+  CHECK(rounds < 20);
   CHECK(cpu < 50000);
 }
 

@@ -17,8 +17,8 @@ struct host {
   std::mutex m;
   std::condition_variable cv;
   std::deque<std::function<void()>> posted;  // guarded by m
-  std::multimap<std::chrono::steady_clock::time_point, std::function<void()>>
-      timers;  // host thread
+  // Touched on the host thread only.
+  std::multimap<std::chrono::steady_clock::time_point, std::function<void()>> timers;
   long blocking = 0;
   coro_jobs::host_attachment attachment;
 

@@ -12,8 +12,9 @@
 // and every loop function run on the host's thread only; the helper touches nothing of the
 // loop's but a copy of its pollfds. One dispatch is in flight at a time.
 //
-// Cost per wakeup: one wake of the helper thread, one post to the host, one ppoll(0) in
-// run_once, and a condition-variable handoff back to the helper (README: W7).
+// Cost per wakeup: one wake of the helper thread, one post to the host and a
+// condition-variable handoff back to the helper (README: W7). When work is ready after a
+// dispatch (a zero timeout), the next dispatch is posted at once and the helper sleeps on.
 //
 // Rules: post_to_host_thread must be callable from any thread and must not run fn inline.
 // Destroying the attachment (on the host's thread) stops and joins the helper; destroying
@@ -56,9 +57,12 @@ struct state : std::enable_shared_from_this<state> {
     if (stop_wfd >= 0) ::close(stop_wfd);
   }
 
-  // Host thread: hand the helper the next wait.
+  // Host thread: hand the helper the next wait. Work is ready (a zero timeout, as after a
+  // thread function's result the loop spun for): no wait to make, so the next dispatch is
+  // posted from here, without waking the helper (README: W7, the guest round trip).
   void arm() {
     const auto w = loop->prepare_host_wait();
+    if (w.timeout == w.timeout.zero()) return post_dispatch();
     std::lock_guard<std::mutex> lock(m);
     if (at == phase::stopping) return;
     fds.assign(w.fds.begin(), w.fds.end());
@@ -106,10 +110,14 @@ struct state : std::enable_shared_from_this<state> {
       while (::ppoll(mine.data(), nfds_t(mine.size()), tsp, nullptr) < 0 && errno == EINTR) {
       }
       if (mine.back().revents) return;  // stopping
-      post([w = weak_from_this()] {
-        if (auto s = w.lock()) s->dispatch();
-      });
+      post_dispatch();
     }
+  }
+  // Either thread: one non-blocking iteration, on the host's thread.
+  void post_dispatch() {
+    post([w = weak_from_this()] {
+      if (auto s = w.lock()) s->dispatch();
+    });
   }
   // Host thread: stops and joins the helper; the loop is let go.
   void stop() noexcept {

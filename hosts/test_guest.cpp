@@ -72,3 +72,28 @@ struct host {
 
 #define HOST_NAME "guest mode"
 #include "hosts/test_common.hpp"
+
+TEST_SUITE("guest mode: its own") {
+
+// With work ready after a dispatch there is no wait to make: the next dispatch is posted
+// from the host's thread, and the helper thread is not woken for it (W7 guest round trip).
+TEST_CASE(
+    "a guest loop with work ready posts its next dispatch itself, not through the helper thread") {
+  event_loop loop;
+  std::atomic<int> from_helper{0};
+  const auto host_thread = std::this_thread::get_id();
+  host h;
+  h.attachment = attach_to_host(loop, [&](std::function<void()> fn) {
+    if (std::this_thread::get_id() != host_thread) ++from_helper;
+    h.post(std::move(fn));
+  });
+  int turns = 0;
+  auto j = start_job(loop, [](int& turns) -> job<> {
+    for (; turns < 100; ++turns) co_await next_iteration();
+  }(turns));
+  REQUIRE(h.run_until([&] { return j.done(); }, deadline));
+  CHECK(turns == 100);
+  CHECK(from_helper.load() <= 1);  // at most the first, if the start landed while the helper waited
+}
+
+}  // TEST_SUITE

@@ -241,6 +241,53 @@ TEST_CASE("a wakeup while the host is busy costs no pipe write, and the next wai
   loop.detach_host();
 }
 
+// The host's poll has just told what ppoll(0) would (NOTES: hosted poll): with no fd of the
+// program's watched, a hosted iteration makes no syscall of its own.
+TEST_CASE("a hosted loop's run_once(0s) with no fd of the program's watched makes no poll of its own") {
+  event_loop loop;
+  loop.attach_host([] {});
+  int trips = 0;
+  auto j = start_job(loop, [&]() -> job<> {
+    for (; trips < 100; ++trips) co_await threaded_task([] { return 1; });
+  });
+  const std::uint64_t polls = loop.stats().polls;
+  const auto stop = std::chrono::steady_clock::now() + 10s;
+  while (!j.done() && std::chrono::steady_clock::now() < stop) {
+    const auto w = loop.prepare_host_wait();
+    std::vector<pollfd> fds(w.fds.begin(), w.fds.end());
+    const auto ms = std::chrono::ceil<std::chrono::milliseconds>(w.timeout).count();
+    ::poll(fds.data(), nfds_t(fds.size()), ms < 0 ? 100 : int(std::min<long long>(ms, 100)));  // a lost wakeup: fails by the deadline
+    loop.run_once(0s);
+  }
+  CHECK(j.done());
+  CHECK(trips == 100);
+  CHECK(loop.stats().polls == polls);
+  loop.detach_host();
+}
+
+// Left readable, an expired timerfd would make every later host poll return at once.
+TEST_CASE("after a timer a hosted loop's fds go quiet, so an idle host does not spin") {
+  event_loop loop;
+  loop.attach_host([] {});
+  auto j = start_job(loop, []() -> job<> {
+    for (int i = 0; i < 5; ++i) (void)co_await sleep_task(2ms);
+  });
+  const auto stop = std::chrono::steady_clock::now() + 10s;
+  while (!j.done() && std::chrono::steady_clock::now() < stop) {
+    const auto w = loop.prepare_host_wait();
+    std::vector<pollfd> fds(w.fds.begin(), w.fds.end());
+    const auto ms = std::chrono::ceil<std::chrono::milliseconds>(w.timeout).count();
+    ::poll(fds.data(), nfds_t(fds.size()), int(std::clamp<long long>(ms, 0, 100)));
+    loop.run_once(0s);
+  }
+  REQUIRE(j.done());
+  const auto w = loop.prepare_host_wait();
+  CHECK(w.timeout < std::chrono::steady_clock::duration::zero());  // nothing due: the host may block
+  std::vector<pollfd> fds(w.fds.begin(), w.fds.end());
+  CHECK(::poll(fds.data(), nfds_t(fds.size()), 0) == 0);
+  loop.detach_host();
+}
+
 }  // TEST_SUITE
 
 TEST_SUITE("tasks: line_reader") {

@@ -103,6 +103,40 @@ TEST_CASE("destroying the attachment from inside a job step detaches when the st
   loop.run();  // detached: the loop's own run() works again
 }
 
+// A pass through Qt's dispatch costs about as much as an iteration: while work is ready, one
+// dispatch runs more iterations, for up to 100 us (W7 qt round trip).
+TEST_CASE(
+    "while work is ready one Qt dispatch runs several iterations, not one per pass through Qt") {
+  event_loop loop;
+  host h;
+  h.attach(loop);
+  int turns = 0;
+  auto j = start_job(loop, [](int& turns) -> job<> {
+    for (; turns < 200; ++turns) co_await next_iteration();
+  }(turns));
+  REQUIRE(h.run_until([&] { return j.done(); }, deadline));
+  MESSAGE("200 iterations in ", h.waits(), " processEvents calls");
+  CHECK(h.waits() < 100);  // one per iteration without the batch
+}
+
+TEST_CASE("a job that never stops yielding does not starve Qt's own timers") {
+  event_loop loop;
+  host h;
+  h.attach(loop);
+  bool fired = false;
+  long turns = 0;
+  auto j = start_job(loop, [](bool& fired, long& turns) -> job<> {
+    while (!fired) {
+      ++turns;
+      co_await next_iteration();
+    }
+  }(fired, turns));
+  h.after(20ms, [&fired] { fired = true; });
+  REQUIRE(h.run_until([&] { return fired; }, deadline));
+  REQUIRE(h.run_until([&] { return j.done(); }, deadline));
+  CHECK(turns > 1);
+}
+
 }  // TEST_SUITE
 
 int main(int argc, char** argv) {

@@ -501,7 +501,8 @@ template <class F, class... Args> auto threaded_task(abandon_on_cancel_t, F&& f,
 
 /// The completion callback of a callback_task: call it exactly once, from any thread.
 /// A second call only reports a std::logic_error to the error handler; if every copy is
-/// destroyed without a call, the job gets a std::logic_error instead of hanging.
+/// destroyed without a call, the job gets a std::logic_error instead of hanging. If building
+/// the T from the value throws, the job gets that exception (the call does not throw).
 template <class T = void> class task_return {
  public:
   template <class U = T>
@@ -2972,7 +2973,11 @@ struct callback_state : remote_completion<T>, std::enable_shared_from_this<callb
 
   explicit callback_state(loop_impl& l) : remote_completion<T>(l, false) {}
   template <class... A> void set_value(A&&... a) {
-    this->set(std::forward<A>(a)...);
+    try {  // building T threw: claimed already, so the job gets the error, not a hang
+      this->set(std::forward<A>(a)...);
+    } catch (...) {
+      this->error = std::current_exception();
+    }
     deliver();
   }
   void set_error(std::exception_ptr e) {

@@ -1209,4 +1209,24 @@ TEST_CASE("task_return::fail(nullptr) throws std::invalid_argument at the call")
   CHECK(threw);
 }
 
+// Found by the adversarial review: the call was claimed before the T was built, so a
+// throwing conversion delivered nothing and the job waited forever.
+TEST_CASE("a task_return whose value's conversion to T throws gives the job that exception instead of leaving it waiting") {
+  struct throws_on_build {
+    explicit(false) throws_on_build(int) { throw std::runtime_error("cannot build"); }
+  };
+  event_loop loop;
+  auto h = start_job(loop, []() -> job<> {
+    (void)co_await callback_task<throws_on_build>([](task_return<throws_on_build> r) {
+      try {
+        r(5);  // a caller that cannot let an exception through (a C toolkit's callback)
+      } catch (...) {
+      }
+    });
+  });
+  drain(loop);
+  REQUIRE(h.done());
+  CHECK_THROWS_WITH_AS(h.result(), "cannot build", std::runtime_error);
+}
+
 }  // TEST_SUITE("bad input")

@@ -1193,9 +1193,10 @@ struct job_ctx {
   job_ctx *prev = nullptr, *next = nullptr;  // the loop's list of live jobs
   handle_waiter* waiters = nullptr;          // jobs awaiting a handle of this one
   std::exception_ptr error;
-  job_extras extra;           // name, and the lambda of start_job(lambda)
-  std::uint32_t refs = 0;     // handles + 1 while the frame lives
-  std::uint32_t handles = 0;  // job_handle copies
+  job_extras extra;  // name, and the lambda of start_job(lambda)
+  // Atomic for one case only: handles that outlive the loop, dropped on several threads.
+  std::atomic<std::uint32_t> refs = 0;     // handles + 1 while the frame lives
+  std::atomic<std::uint32_t> handles = 0;  // job_handle copies
   // Its life: start_job makes it `queued`; its start item makes it `running` (see
   // run_start); job_finished makes it `ended`, when its top frame ends or is dropped unrun.
   enum class stage : std::uint8_t { queued, running, ended } life = stage::queued;
@@ -1529,6 +1530,8 @@ struct loop_impl {
   loop_impl(event_loop* s, std::size_t workers);
   ~loop_impl();
   void shut_down();  // ~event_loop: destroys the jobs and callbacks while the loop is usable
+  void destroy_jobs() noexcept;  // its steps
+  void drop_callbacks() noexcept;
 
   time_point clock() const noexcept;
 
@@ -1565,7 +1568,6 @@ struct loop_impl {
   void place(std::size_t i, const timer_entry& e) noexcept;
   void sift_up(std::size_t i) noexcept;
   void sift_down(std::size_t i) noexcept;
-  static void drop_timer(const timer_entry& e) noexcept;
 
   // ---- fds
   void add_fd(fd_owner* o);              // on o->fd, for o->events
@@ -1739,10 +1741,6 @@ inline void loop_impl::sift_down(std::size_t i) noexcept {
     i = c;
   }
   place(i, e);
-}
-// A call_later's entry holds a reference to its node.
-inline void loop_impl::drop_timer(const timer_entry& e) noexcept {
-  if (e.fire == &callback_node::fire_timer) static_cast<callback_node*>(e.owner)->unref();
 }
 // ---- fds
 // The table by fd number is a vector: fds are small (the lowest free one is handed out, and
@@ -2151,6 +2149,30 @@ inline void loop_impl::shut_down() {
     }
   }
   pool->stop();  // queued thread functions never run
+  destroy_jobs();
+  // The workers are joined, unless one still runs a function its job abandoned.
+  const bool still_running = std::any_of(abandoned.begin(), abandoned.end(), [](const auto& t) {
+    return !t->returned.load(std::memory_order_acquire);
+  });
+  pool->release_workers(!still_running && !detach_workers);
+  // What the teardown runs (the error handler for the errors still queued, the destructors
+  // of callbacks and frames) may start jobs, set timers and watches or report errors: they
+  // are torn down in turn, until nothing is left.
+  do {
+    drop_callbacks();
+    destroy_jobs();
+    const auto queued = std::exchange(errors, {});  // the handler may queue more
+    for (const auto& [name, e] : queued) {
+      try {
+        call_handler(name, e);
+      } catch (...) {
+        std::fputs("coro_jobs: the error handler threw during ~event_loop\n", stderr);
+      }
+    }
+  } while (jobs || nodes || !timers.empty() || !errors.empty());
+}
+// Every job's frame, innermost first; its thread function, if running, waited for first.
+inline void loop_impl::destroy_jobs() noexcept {
   while (job_ctx* j = jobs) {
     unlink(j);
     if (j->done()) {  // ended with an error a handle may still read
@@ -2170,29 +2192,31 @@ inline void loop_impl::shut_down() {
     j->loop = nullptr;
     j->release();
   }
-  // The workers are joined, unless one still runs a function its job abandoned.
-  const bool still_running = std::any_of(abandoned.begin(), abandoned.end(), [](const auto& t) {
-    return !t->returned.load(std::memory_order_acquire);
-  });
-  pool->release_workers(!still_running && !detach_workers);
-  for (const timer_entry& e : timers) drop_timer(e);
+}
+// Timer and watch callbacks die with the loop, even while a callback_handle keeps its
+// node: their captures may be tied to the loop. The loop's references to nodes and the
+// callbacks are taken out first and let go of last, since a capture's destructor may drop
+// another handle (and free a node), or set a timer or watch (left for shut_down's next pass).
+inline void loop_impl::drop_callbacks() noexcept {
+  std::vector<callback_node*> held;  // the heap's, the fd lists' and the ready items' references
+  for (const timer_entry& e : timers)
+    if (e.fire == &callback_node::fire_timer) held.push_back(static_cast<callback_node*>(e.owner));
+  timers.clear();
   for (std::size_t i = own_fds; i < fd_lists.size(); ++i)  // job waits are gone: only watches
-    for (fd_owner *o = fd_lists[i].first, *next; o; o = next) {
-      next = o->next;  // before the unref, which may free o
+    for (fd_owner* o = fd_lists[i].first; o; o = o->next) {
       o->registered = false;
-      static_cast<callback_node*>(o)->unref();
+      held.push_back(static_cast<callback_node*>(o));
     }
   pfds.resize(own_fds);
   fd_lists.resize(own_fds);
   fd_entry.clear();
   fd_registrations = 0;
-  for (auto* q : {&ready, &running})
+  for (auto* q : {&ready, &running}) {
     for (const ready_item& it : *q)
       if (it.kind == item::timer || it.kind == item::watch)
-        static_cast<callback_node*>(it.arg)->unref();
-  // Timer and watch callbacks die with the loop, even while a callback_handle keeps its
-  // node: their captures may be tied to the loop. They are moved out first and destroyed
-  // after the walk, since a capture's destructor may drop another handle and free a node.
+        held.push_back(static_cast<callback_node*>(it.arg));
+    q->clear();  // the rest name jobs that are gone, or posted functions that never run
+  }
   std::vector<std::function<void()>> dead_timer_fns;
   std::vector<std::function<void(short)>> dead_watch_fns;
   for (callback_node* n = nodes; n; n = n->next_node) {
@@ -2204,16 +2228,7 @@ inline void loop_impl::shut_down() {
     n->active = false;
   }
   nodes = nullptr;
-  dead_timer_fns.clear();
-  dead_watch_fns.clear();
-  for (auto& [name, e] : errors) {
-    try {
-      call_handler(name, e);
-    } catch (...) {
-      std::fputs("coro_jobs: the error handler threw during ~event_loop\n", stderr);
-    }
-  }
-  errors.clear();
+  for (callback_node* n : held) n->unref();
 }
 inline loop_impl::~loop_impl() {
   if (timer_fd >= 0) ::close(timer_fd);
@@ -2466,8 +2481,14 @@ inline void loop_impl::wait_for_thread(job_ctx* j, const pool_task& t) noexcept 
 // Loops by owning thread, for start_job(job) outside run(). Never destroyed, so a loop that
 // outlives static destruction can still unregister.
 struct registry_t {
+  struct entry {
+    std::thread::id owner;
+    event_loop* loop;
+    bool closing = false;        // in ~event_loop: a release from another thread waits in `late`
+    std::vector<job_ctx*> late;  // released by ~event_loop on its thread, once shut down
+  };
   std::mutex m;
-  std::vector<std::pair<std::thread::id, event_loop*>> loops;
+  std::vector<entry> loops;
 };
 inline registry_t& registry() {
   static registry_t* r = new registry_t;
@@ -2483,16 +2504,17 @@ inline event_loop& current_loop() {
   std::lock_guard<std::mutex> lock(r.m);
   const auto id = std::this_thread::get_id();
   for (auto it = r.loops.rbegin(); it != r.loops.rend(); ++it)
-    if (it->first == id) return *it->second;
+    if (it->owner == id && !it->closing) return *it->loop;
   fail_logic(
       "coro_jobs: start_job(job) found no event_loop on this thread; create one first or pass it");
 }
 
-// A job_handle destroyed on another thread must not touch the job's counts, which belong to
-// the loop thread: its release is posted there. The registry's lock keeps the loop alive
-// while we post. The release happens on the loop thread only: when the post runs, or when
-// the loop drops it unrun because it is being destroyed. If the loop is already gone,
-// nothing of the loop's can race any more, and the handle is released here.
+// A job_handle destroyed on another thread must not touch the job, which belongs to the
+// loop thread: its release is posted there. The registry's lock keeps the loop alive while
+// we post. The release happens on the loop thread only: when the post runs, or when the
+// loop drops it unrun; while ~event_loop runs, the loop releases it once shut down. If the
+// loop is gone, the job is frozen but for its counts, which are atomic for this case: the
+// handle is released here (the last one, on whichever thread, frees the job).
 inline void drop_handle_elsewhere(job_ctx* s) noexcept {
   struct release_later {
     job_ctx* s;
@@ -2508,16 +2530,20 @@ inline void drop_handle_elsewhere(job_ctx* s) noexcept {
   };
   auto& r = registry();
   std::lock_guard<std::mutex> lock(r.m);
-  for (const auto& [id, loop] : r.loops) {
-    if (&access::impl(*loop) != s->home) continue;
+  for (auto& e : r.loops) {
+    if (&access::impl(*e.loop) != s->home) continue;
     try {
-      auto keep = std::make_shared<release_later>(s);
-      loop->post([keep] { keep->release(); });
+      if (e.closing) {  // its destructor runs on its thread: it releases s when shut down
+        e.late.push_back(s);
+      } else {
+        auto keep = std::make_shared<release_later>(s);
+        e.loop->post([keep] { keep->release(); });
+      }
     } catch (...) {  // out of memory: the reference leaks rather than races
     }
     return;
   }
-  drop_handle(s);
+  drop_handle(s);  // the loop is gone: the counts are atomic, so other threads' drops are safe
 }
 
 // --- Promise and awaiters -----------------------------------------------------------------
@@ -3784,15 +3810,14 @@ inline event_loop::event_loop(const loop_options& o)
   impl_->manual = o.manual_clock;
   auto& r = detail::registry();
   std::lock_guard<std::mutex> lock(r.m);
-  r.loops.emplace_back(std::this_thread::get_id(), this);
+  r.loops.push_back({std::this_thread::get_id(), this, false, {}});
 }
 inline event_loop::~event_loop() {
+  auto& r = detail::registry();
+  const auto mine = [this](const detail::registry_t::entry& e) { return e.loop == this; };
   {
-    auto& r = detail::registry();
     std::lock_guard<std::mutex> lock(r.m);
-    r.loops.erase(std::remove_if(r.loops.begin(), r.loops.end(),
-                                 [this](const auto& p) { return p.second == this; }),
-                  r.loops.end());
+    std::find_if(r.loops.begin(), r.loops.end(), mine)->closing = true;
   }
   if (detail::running_loop() == this) detail::running_loop() = nullptr;
   if (auto gone = std::move(impl_->on_host_gone)) {  // the adapter lets go of the loop first
@@ -3802,6 +3827,14 @@ inline event_loop::~event_loop() {
   // Torn down while impl_ still points to it: a job frame's destructor may call now(),
   // post() or start_job on this loop (see loop_impl::shut_down).
   impl_->shut_down();
+  std::vector<detail::job_ctx*> late;  // handles released on other threads meanwhile
+  {
+    std::lock_guard<std::mutex> lock(r.m);
+    const auto it = std::find_if(r.loops.begin(), r.loops.end(), mine);
+    late.swap(it->late);
+    r.loops.erase(it);
+  }
+  for (detail::job_ctx* s : late) detail::drop_handle(s);
   impl_.reset();
 }
 

@@ -791,6 +791,115 @@ TEST_CASE_FIXTURE(no_live_left, "destroying a loop with 100,000 nested jobs pend
   CHECK(live::count == 0);
 }
 
+// Found by the adversarial review: ~event_loop ran the error handler for the errors still
+// queued after it had torn down the jobs, so a job started there was never destroyed and its
+// handle pointed to the freed loop.
+TEST_CASE_FIXTURE(no_live_left, "a job that the error handler starts while ~event_loop reports queued errors is destroyed unstarted, its handle reporting job_cancelled") {
+  job_handle<int> late;
+  bool body_ran = false;
+  {
+    event_loop loop;
+    bool armed = true;
+    loop.set_error_handler([&](std::string_view, std::exception_ptr) {
+      if (!std::exchange(armed, false)) return;
+      late = start_job(loop, [](live, bool& ran) -> job<int> {
+        ran = true;
+        co_return 1;
+      }(live{}, body_ran));
+    });
+    (void)start_job(loop, []() -> job<> {  // nobody holds it: its error is reported
+      throw std::runtime_error("unheld");
+      co_return;
+    });
+    loop.run_once(0s);  // it fails; the report is queued for the next iteration, which never comes
+  }
+  REQUIRE(late.done());
+  CHECK_THROWS_AS(late.result(), job_cancelled);
+  CHECK_FALSE(body_ran);
+  late = {};
+}
+
+// Found by the adversarial review: a callback's capture destroyed by ~event_loop that set a
+// call_later or a watch left it behind (LSan), after the walk that drops them.
+TEST_CASE_FIXTURE(no_live_left, "a timer or watch set by a capture's destructor during ~event_loop is destroyed with the loop") {
+  struct on_destroy {
+    std::function<void()> f;
+    explicit on_destroy(std::function<void()> g) : f(std::move(g)) {}
+    on_destroy(on_destroy&& o) noexcept : f(std::exchange(o.f, {})) {}
+    on_destroy(const on_destroy& o) : f(o.f) {}
+    ~on_destroy() {
+      if (f) std::exchange(f, {})();
+    }
+  };
+  pipe_fds p;
+  {
+    event_loop loop;
+    (void)loop.call_later(1h, [g = on_destroy([&loop] { (void)loop.call_later(1h, [l = live{}] {}); })] {});
+    (void)loop.call_later(1h, [g = on_destroy([&loop, &p] { (void)loop.watch(p.r, POLLIN, [l = live{}](short) {}); })] {});
+  }
+  CHECK(live::count == 0);
+}
+
+// Found by the adversarial review (TSan: data races in drop_handle and job_ctx::release).
+TEST_CASE("copies of a handle that outlive the loop may be dropped on two threads at once") {
+  for (int rep = 0; rep < 50; ++rep) {
+    std::optional<event_loop> loop;
+    loop.emplace();
+    auto h = start_job(*loop, []() -> job<int> {
+      co_await sleep_task(1h);
+      co_return 1;
+    });
+    auto h2 = h;
+    loop.reset();
+    std::thread t([x = std::move(h2)]() mutable { x = {}; });
+    h = {};
+    t.join();
+  }
+}
+
+// Found by the adversarial review: ~event_loop left the registry before it shut down, so a
+// release from another thread meanwhile raced with the shutdown (TSan).
+TEST_CASE("a handle dropped on another thread while the loop is being destroyed is released after the shutdown, without a race") {
+  std::mutex m;
+  std::condition_variable cv;
+  bool in_destructor = false, dropped = false;
+  struct signals_in_destructor {
+    std::mutex& m;
+    std::condition_variable& cv;
+    bool &in_destructor, &dropped;
+    bool armed = true;  // the frame's copy only: the parameter it was moved from stays quiet
+    signals_in_destructor(std::mutex& m, std::condition_variable& cv, bool& i, bool& d) : m(m), cv(cv), in_destructor(i), dropped(d) {}
+    signals_in_destructor(signals_in_destructor&& o) noexcept : m(o.m), cv(o.cv), in_destructor(o.in_destructor), dropped(o.dropped) { o.armed = false; }
+    ~signals_in_destructor() {
+      if (!armed) return;
+      std::unique_lock<std::mutex> lock(m);
+      in_destructor = true;
+      cv.notify_all();
+      cv.wait_for(lock, 10s, [this] { return dropped; });  // the drop lands mid-shutdown
+    }
+  };
+  std::thread t;
+  {
+    event_loop loop;
+    auto a = start_job(loop, []() -> job<int> {
+      co_await sleep_task(1h);
+      co_return 1;
+    });
+    auto slow = start_job(loop, [](signals_in_destructor) -> job<> { co_await sleep_task(1h); }(signals_in_destructor(m, cv, in_destructor, dropped)));
+    loop.run_once(0s);
+    REQUIRE_FALSE(in_destructor);
+    t = std::thread([&, h = std::move(a)]() mutable {
+      std::unique_lock<std::mutex> lock(m);
+      cv.wait_for(lock, 10s, [&] { return in_destructor; });
+      h = {};
+      dropped = true;
+      cv.notify_all();
+    });
+  }
+  t.join();
+  CHECK(dropped);
+}
+
 }  // TEST_SUITE("lifetime")
 
 TEST_SUITE("handles") {

@@ -73,7 +73,8 @@
 //     callback task's task_return a no-op (and calls its canceller), withdraws a queued
 //     thread function and requests the stop token of a running one; the job then resumes, on
 //     a later iteration (after its thread function has returned), with job_cancelled thrown
-//     from its co_await, so its destructors run. job_scope::cancel_all(), ~job_scope and the
+//     from its co_await, so its destructors run (an error that had come back before the
+//     cancel goes to the error handler). job_scope::cancel_all(), ~job_scope and the
 //     losers of when_any/with_timeout wait for those functions, blocking the loop thread until
 //     they honour their stop tokens (the watchdog names the job); threaded_task(
 //     abandon_on_cancel, f) is not waited for. job_cancelled is not a
@@ -2918,6 +2919,11 @@ template <class T> struct remote_completion : result_box<T> {
     --loop->outstanding;
     loop->threads_out -= thread;
   }
+  // The job was cancelled after this completion had landed (so its wait was not withdrawn):
+  // its error, which no co_await will see, goes to the handler (when_all's later errors).
+  void report_unseen(job_ctx& j) {
+    if (this->error) loop->report(j.extra.name_or_job(), std::exchange(this->error, nullptr));
+  }
   void arrived() {  // the inbox item that the other thread sent
     if (!counted) return;
     let_go();
@@ -2966,12 +2972,16 @@ template <class R, class Fn> class [[nodiscard]] thread_op final : public op_bas
     park();
   }
   R await_resume() {
-    if (ctx->cancelled()) throw job_cancelled{};
+    if (ctx->cancelled()) {
+      if (work_ && !withdrawn_) work_->report_unseen(*ctx);
+      throw job_cancelled{};
+    }
     return work_->take();
   }
   // A queued function is withdrawn and never runs. A running one is asked to stop, and the
   // job waits for it to return (holds_job), unless it was started with abandon_on_cancel.
   void cancel_op() noexcept override {
+    withdrawn_ = true;  // what the function then returns or throws answers the stop request
     loop_impl& l = *ctx->loop;
     if (l.withdraw_thread(work_.get())) return work_->let_go();
     work_->stop.request_stop();
@@ -2990,6 +3000,7 @@ template <class R, class Fn> class [[nodiscard]] thread_op final : public op_bas
  private:
   Fn fn_;
   bool abandon_;
+  bool withdrawn_ = false;  // cancel_op ran: the wait was still pending when the job was cancelled
   std::shared_ptr<thread_work<R, Fn>> work_;
 };
 
@@ -3070,11 +3081,15 @@ template <class T, class Start> class [[nodiscard]] callback_op final : public o
     park();
   }
   T await_resume() {
-    if (ctx->cancelled()) throw job_cancelled{};
+    if (ctx->cancelled()) {
+      if (st_ && !withdrawn_) st_->report_unseen(*ctx);
+      throw job_cancelled{};
+    }
     return st_->take();
   }
   const char* what() const noexcept override { return "callback_task"; }
   void cancel_op() noexcept override {
+    withdrawn_ = true;  // a later task_return is a no-op
     st_->let_go();
     if constexpr (!std::is_void_v<start_result>) {
       try {
@@ -3089,6 +3104,7 @@ template <class T, class Start> class [[nodiscard]] callback_op final : public o
   Start start_;
   std::shared_ptr<callback_state<T>> st_;
   std::optional<canceller> cancel_;
+  bool withdrawn_ = false;  // cancel_op ran: the wait was still pending when the job was cancelled
 };
 
 // ---- Sleeps and fd waits
@@ -4011,6 +4027,20 @@ inline void event_loop::set_error_handler(error_handler handler) {
 inline detail::fd_op wait_readable(int fd) { return detail::fd_op(fd, POLLIN); }
 inline detail::fd_op wait_writable(int fd) { return detail::fd_op(fd, POLLOUT); }
 
+namespace detail {
+// What fd holds now, without blocking the loop: after a wait, another waiter or watch of the
+// same fd (each is woken) may have taken the bytes, and a blocking fd would then block the
+// loop in read. -1 with EAGAIN if nothing is there.
+inline ssize_t read_now(int fd, char* buf, std::size_t n) noexcept {
+  pollfd p{fd, POLLIN, 0};
+  if (::poll(&p, 1, 0) == 0) {
+    errno = EAGAIN;
+    return -1;
+  }
+  return ::read(fd, buf, n);
+}
+}  // namespace detail
+
 inline line_reader::line_reader(int fd, std::size_t max_line) : fd_(fd), max_(max_line) {
   if (max_line == 0) throw std::invalid_argument("coro_jobs: line_reader with a max_line of 0");
 }
@@ -4023,7 +4053,7 @@ inline job<std::string> process::read_all(line_reader& r) {
     if (r.eof_) co_return all;
     co_await wait_readable(r.fd_);
     char chunk[4096];
-    const ssize_t n = ::read(r.fd_, chunk, sizeof chunk);
+    const ssize_t n = detail::read_now(r.fd_, chunk, sizeof chunk);
     if (n > 0) r.buf_.assign(chunk, std::size_t(n));
     if (n == 0) r.eof_ = true;
     if (n < 0 && errno != EINTR && errno != EAGAIN && errno != EWOULDBLOCK)
@@ -4299,7 +4329,7 @@ inline job<std::optional<std::string>> line_reader::next_line() {
     co_await wait_readable(fd_);
     const std::size_t old = buf_.size();
     buf_.resize(old + chunk);
-    const ssize_t n = ::read(fd_, buf_.data() + old, chunk);
+    const ssize_t n = detail::read_now(fd_, buf_.data() + old, chunk);
     buf_.resize(old + std::size_t(n > 0 ? n : 0));
     if (n == 0) eof_ = true;
     if (n < 0 && errno != EINTR && errno != EAGAIN && errno != EWOULDBLOCK)

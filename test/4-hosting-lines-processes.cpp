@@ -387,6 +387,34 @@ TEST_CASE("line_reader on a closed fd throws std::system_error(EBADF)") {
   CHECK_THROWS_AS(loop.run_until(start_job(loop, read_all_lines(r))), std::system_error);
 }
 
+// Found by the adversarial review: each waiter of an fd is woken, the first reader took the
+// bytes, and the second blocked the loop in read(2) on the blocking pipe for good.
+TEST_CASE("two line_readers on one blocking pipe share its lines without blocking the loop") {
+  pipe_fds p;
+  bool closed = false;
+  rescuer r([&] { ::close(std::exchange(p.w, -1)); });  // a blocked read(2) then returns 0
+  event_loop loop;
+  int lines = 0;
+  auto reader = [&]() -> job<> {
+    line_reader lr(p.r);
+    while (auto l = co_await lr.next_line()) ++lines;
+  };
+  auto a = start_job(loop, reader);
+  auto b = start_job(loop, reader);
+  auto w = start_job(loop, [&]() -> job<> {
+    for (int i = 0; i < 10; ++i) {
+      co_await sleep_task(1ms);
+      REQUIRE(::write(p.w, "hello\n", 6) == 6);
+    }
+    ::close(std::exchange(p.w, -1));
+    closed = true;
+  });
+  drain(loop);
+  CHECK(closed);
+  CHECK(lines == 10);
+  CHECK_FALSE(r.fired);
+}
+
 TEST_CASE("cancelling a job waiting in line_reader unwinds it") {
   event_loop loop;
   int fds[2];

@@ -73,8 +73,7 @@
 //     callback task's task_return a no-op (and calls its canceller), withdraws a queued
 //     thread function and requests the stop token of a running one; the job then resumes, on
 //     a later iteration (after its thread function has returned), with job_cancelled thrown
-//     from its co_await, so its destructors run (an error that had come back before the
-//     cancel goes to the error handler). job_scope::cancel_all(), ~job_scope and the
+//     from its co_await, so its destructors run. job_scope::cancel_all(), ~job_scope and the
 //     losers of when_any/with_timeout wait for those functions, blocking the loop thread until
 //     they honour their stop tokens (the watchdog names the job); threaded_task(
 //     abandon_on_cancel, f) is not waited for. job_cancelled is not a
@@ -633,7 +632,8 @@ template <class A> using await_value_t = typename detail::await_value<std::remov
 
 /// co_await when_all(a, b, ...): a std::tuple of every result. The first error (or a branch
 /// cancelled from outside) cancels the others, waits for them to unwind, and is rethrown;
-/// later errors of other branches go to the error handler, never lost.
+/// errors the others throw while they unwind go to the error handler. A cancelled branch's
+/// task drops its result, even an error that came back in the same iteration (RULES).
 template <class... A> job<std::tuple<await_value_t<A>...>> when_all(A... awaitables);
 
 /// co_await when_any(a, b, ...): a std::variant whose index() is the first to end and whose
@@ -2919,11 +2919,6 @@ template <class T> struct remote_completion : result_box<T> {
     --loop->outstanding;
     loop->threads_out -= thread;
   }
-  // The job was cancelled after this completion had landed (so its wait was not withdrawn):
-  // its error, which no co_await will see, goes to the handler (when_all's later errors).
-  void report_unseen(job_ctx& j) {
-    if (this->error) loop->report(j.extra.name_or_job(), std::exchange(this->error, nullptr));
-  }
   void arrived() {  // the inbox item that the other thread sent
     if (!counted) return;
     let_go();
@@ -2972,16 +2967,12 @@ template <class R, class Fn> class [[nodiscard]] thread_op final : public op_bas
     park();
   }
   R await_resume() {
-    if (ctx->cancelled()) {
-      if (work_ && !withdrawn_) work_->report_unseen(*ctx);
-      throw job_cancelled{};
-    }
+    if (ctx->cancelled()) throw job_cancelled{};
     return work_->take();
   }
   // A queued function is withdrawn and never runs. A running one is asked to stop, and the
   // job waits for it to return (holds_job), unless it was started with abandon_on_cancel.
   void cancel_op() noexcept override {
-    withdrawn_ = true;  // what the function then returns or throws answers the stop request
     loop_impl& l = *ctx->loop;
     if (l.withdraw_thread(work_.get())) return work_->let_go();
     work_->stop.request_stop();
@@ -3000,7 +2991,6 @@ template <class R, class Fn> class [[nodiscard]] thread_op final : public op_bas
  private:
   Fn fn_;
   bool abandon_;
-  bool withdrawn_ = false;  // cancel_op ran: the wait was still pending when the job was cancelled
   std::shared_ptr<thread_work<R, Fn>> work_;
 };
 
@@ -3081,15 +3071,11 @@ template <class T, class Start> class [[nodiscard]] callback_op final : public o
     park();
   }
   T await_resume() {
-    if (ctx->cancelled()) {
-      if (st_ && !withdrawn_) st_->report_unseen(*ctx);
-      throw job_cancelled{};
-    }
+    if (ctx->cancelled()) throw job_cancelled{};
     return st_->take();
   }
   const char* what() const noexcept override { return "callback_task"; }
   void cancel_op() noexcept override {
-    withdrawn_ = true;  // a later task_return is a no-op
     st_->let_go();
     if constexpr (!std::is_void_v<start_result>) {
       try {
@@ -3104,7 +3090,6 @@ template <class T, class Start> class [[nodiscard]] callback_op final : public o
   Start start_;
   std::shared_ptr<callback_state<T>> st_;
   std::optional<canceller> cancel_;
-  bool withdrawn_ = false;  // cancel_op ran: the wait was still pending when the job was cancelled
 };
 
 // ---- Sleeps and fd waits

@@ -226,29 +226,6 @@ TEST_CASE_FIXTURE(no_live_left, "a second error in when_all while it unwinds rea
   CHECK(log.names[0] == "when_all");
 }
 
-// Found by the adversarial review: a branch's error that had landed in the same iteration as
-// the first was dropped when the branch, cancelled by when_all, resumed with job_cancelled.
-TEST_CASE("when_all's second error that landed in the same iteration as the first reaches the error handler") {
-  event_loop loop;
-  error_log log(loop);
-  std::optional<task_return<int>> r1, r2;
-  auto h = start_job(loop, [&]() -> job<> {
-    (void)co_await when_all(callback_task<int>([&](task_return<int> r) { r1 = r; }),
-                            callback_task<int>([&](task_return<int> r) { r2 = r; }));
-  });
-  loop.run_once(0s);
-  loop.run_once(0s);
-  REQUIRE(r1);
-  REQUIRE(r2);
-  r1->fail(std::make_exception_ptr(std::runtime_error("first")));
-  r2->fail(std::make_exception_ptr(std::runtime_error("second")));
-  drain(loop);
-  REQUIRE(h.done());
-  CHECK_THROWS_WITH_AS(h.result(), "first", std::runtime_error);
-  REQUIRE(log.whats.size() == 1);
-  CHECK(log.whats[0] == "second");
-}
-
 TEST_CASE_FIXTURE(no_live_left, "cancelling a job waiting in when_all cancels every branch and unwinds them first") {
   event_loop loop(manual());
   std::atomic<bool> stop_seen{false}, started{false};
